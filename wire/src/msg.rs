@@ -138,8 +138,6 @@ pub enum RejectCode {
     NotAllowed,
     /// The arguments are invalid (empty argv, relative path, ...).
     BadArgs,
-    /// The command id was seen before with different contents.
-    Replayed,
 }
 
 /// The final result of a command on a unit. Sent as a NATS request on

@@ -1,0 +1,282 @@
+//! The agent's configuration: flags and environment over a TOML file over defaults,
+//! validated into a [`Config`] before anything connects.
+
+use outpost_wire::names;
+use outpost_wire::sign::PublicKey;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Seconds between hellos: three missed hellos (45 s) mark a unit offline, fast enough
+/// for an operator's view, slow enough to cost nothing on a metered cellular link.
+pub const DEFAULT_HELLO_INTERVAL_S: u32 = 15;
+/// Cap per output stream: large enough for `journalctl -n 1000`, small enough that an
+/// outcome always fits one NATS message (1 MiB default `max_payload`).
+pub const DEFAULT_OUTPUT_CAP: u32 = 128 * 1024;
+/// Hard upper bound for `output_cap`: stdout + stderr + framing must fit 1 MiB.
+pub const MAX_OUTPUT_CAP: u32 = 480 * 1024;
+/// Execution timeout when the command names none.
+pub const DEFAULT_TIMEOUT_MS: u32 = 5 * 60 * 1000;
+/// Commands accepted but not yet started; at the bound the agent answers `Busy` and
+/// the hub delivers again later, so nothing is lost and memory stays bounded.
+pub const DEFAULT_QUEUE: u32 = 256;
+/// Commands running at once. Start order is acceptance order either way.
+pub const DEFAULT_CONCURRENCY: u32 = 4;
+
+/// The config file, every key optional (flags and environment win).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node: Option<String>,
+    pub nats_url: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub hub_key: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    pub hello_interval_s: Option<u32>,
+    pub output_cap: Option<u32>,
+    pub default_timeout_ms: Option<u32>,
+    pub queue: Option<u32>,
+    pub concurrency: Option<u32>,
+    pub allow: Option<Vec<String>>,
+}
+
+/// What the agent runs with, all checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: String,
+    pub nats_url: String,
+    pub ca_file: PathBuf,
+    pub hub_key: PublicKey,
+    pub state_dir: PathBuf,
+    pub prefix: String,
+    pub labels: Vec<(String, String)>,
+    pub hello_interval: Duration,
+    pub output_cap: u32,
+    pub default_timeout_ms: u32,
+    pub queue: u32,
+    pub concurrency: u32,
+    /// Methods this unit runs; nothing remote can widen it.
+    pub allow: Vec<String>,
+}
+
+/// Every method the agent knows.
+pub const BUILTIN_METHODS: &[&str] = &["ping", "exec", "file.write", "file.read"];
+
+/// A configuration problem, named precisely.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("missing {0}: set it with --{1}, ${2} or `{3} = ...` in the config file")]
+    Missing(&'static str, &'static str, &'static str, &'static str),
+    #[error(transparent)]
+    Name(#[from] names::NameError),
+    #[error("invalid hub_key: {0} (copy it from the hub's hub-signing.pub)")]
+    HubKey(outpost_wire::sign::KeyError),
+    #[error("invalid label {0:?}: write key=value")]
+    Label(String),
+    #[error("nats_url {0:?} is not TLS: use tls://host:port (outpost never speaks plain text)")]
+    NotTls(String),
+    #[error("ca_file {0} does not exist")]
+    NoCa(PathBuf),
+    #[error("unknown method {0:?} in allow: known methods are {1}")]
+    UnknownMethod(String, String),
+    #[error("{0} must be between {1} and {2}")]
+    Range(&'static str, u32, u32),
+}
+
+/// Values from flags/environment; `None` where not given.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub node: Option<String>,
+    pub nats_url: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub hub_key: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub prefix: Option<String>,
+    pub labels: Vec<String>,
+    pub hello_interval_s: Option<u32>,
+}
+
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn range(what: &'static str, v: u32, lo: u32, hi: u32) -> Result<u32, ConfigError> {
+    if (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::Range(what, lo, hi))
+    }
+}
+
+impl Config {
+    /// Merge flags over the file over defaults, and check everything.
+    pub fn build(o: Overrides, f: FileConfig) -> Result<Config, ConfigError> {
+        let node = o.node.or(f.node).ok_or(ConfigError::Missing(
+            "node name",
+            "node",
+            "OUTPOST_NODE",
+            "node",
+        ))?;
+        names::check_node(&node)?;
+        let nats_url = o.nats_url.or(f.nats_url).ok_or(ConfigError::Missing(
+            "NATS URL",
+            "nats-url",
+            "OUTPOST_NATS_URL",
+            "nats_url",
+        ))?;
+        if !nats_url.split(',').all(|u| u.trim().starts_with("tls://")) {
+            return Err(ConfigError::NotTls(nats_url));
+        }
+        let ca_file = o.ca_file.or(f.ca_file).ok_or(ConfigError::Missing(
+            "fleet CA certificate",
+            "ca-file",
+            "OUTPOST_CA_FILE",
+            "ca_file",
+        ))?;
+        if !ca_file.is_file() {
+            return Err(ConfigError::NoCa(ca_file));
+        }
+        let hub_key = o.hub_key.or(f.hub_key).ok_or(ConfigError::Missing(
+            "hub command-signing key",
+            "hub-key",
+            "OUTPOST_HUB_KEY",
+            "hub_key",
+        ))?;
+        let hub_key = hub_key.parse().map_err(ConfigError::HubKey)?;
+        let state_dir = o
+            .state_dir
+            .or(f.state_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/outpost"));
+        let prefix = o
+            .prefix
+            .or(f.prefix)
+            .unwrap_or_else(|| outpost_wire::subject::DEFAULT_PREFIX.into());
+        names::check_node(&prefix).map_err(|_| names::NameError {
+            what: "subject prefix",
+            name: prefix.clone(),
+        })?;
+        let mut labels = Vec::new();
+        for l in f.labels.iter().chain(o.labels.iter()) {
+            let (k, v) = l.split_once('=').ok_or_else(|| ConfigError::Label(l.clone()))?;
+            if k.is_empty() {
+                return Err(ConfigError::Label(l.clone()));
+            }
+            labels.retain(|(key, _): &(String, String)| key != k);
+            labels.push((k.to_string(), v.to_string()));
+        }
+        let allow = f
+            .allow
+            .unwrap_or_else(|| BUILTIN_METHODS.iter().map(|m| m.to_string()).collect());
+        for m in &allow {
+            if !BUILTIN_METHODS.contains(&m.as_str()) {
+                return Err(ConfigError::UnknownMethod(
+                    m.clone(),
+                    BUILTIN_METHODS.join(", "),
+                ));
+            }
+        }
+        let hello = o
+            .hello_interval_s
+            .or(f.hello_interval_s)
+            .unwrap_or(DEFAULT_HELLO_INTERVAL_S);
+        Ok(Config {
+            node,
+            nats_url,
+            ca_file,
+            hub_key,
+            state_dir,
+            prefix,
+            labels,
+            hello_interval: Duration::from_secs(range("hello_interval_s", hello, 1, 3600)? as u64),
+            output_cap: range(
+                "output_cap",
+                f.output_cap.unwrap_or(DEFAULT_OUTPUT_CAP),
+                0,
+                MAX_OUTPUT_CAP,
+            )?,
+            default_timeout_ms: range(
+                "default_timeout_ms",
+                f.default_timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
+                1,
+                u32::MAX,
+            )?,
+            queue: range("queue", f.queue.unwrap_or(DEFAULT_QUEUE), 1, 65_536)?,
+            concurrency: range(
+                "concurrency",
+                f.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+                1,
+                256,
+            )?,
+            allow,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(ca: &Path) -> Overrides {
+        Overrides {
+            node: Some("pi-1".into()),
+            nats_url: Some("tls://127.0.0.1:4222".into()),
+            ca_file: Some(ca.to_path_buf()),
+            hub_key: Some("ab".repeat(32)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flags_over_file_and_errors_name_the_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let file: FileConfig = toml::from_str(
+            "node = \"from-file\"\nlabels = [\"site=a\", \"rack=1\"]\noutput_cap = 10\n",
+        )
+        .unwrap();
+        let mut o = base(&ca);
+        o.labels = vec!["site=b".into()];
+        let c = Config::build(o, file).unwrap();
+        assert_eq!(c.node, "pi-1");
+        assert_eq!(c.output_cap, 10);
+        assert_eq!(
+            c.labels,
+            vec![("rack".into(), "1".into()), ("site".into(), "b".into())]
+        );
+
+        let mut o = base(&ca);
+        o.nats_url = Some("nats://x:4222".into());
+        let e = Config::build(o, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("not TLS"), "{e}");
+
+        let mut o = base(&ca);
+        o.node = None;
+        let e = Config::build(o, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("OUTPOST_NODE"), "{e}");
+
+        let mut o = base(&ca);
+        o.node = Some("a.b".into());
+        assert!(Config::build(o, FileConfig::default()).is_err());
+
+        let bad: Result<FileConfig, _> = toml::from_str("nodee = \"x\"");
+        assert!(bad.is_err());
+    }
+}
