@@ -151,12 +151,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
     tokio::spawn(dispatch(agent.clone(), rx, slots.clone()));
     tokio::spawn(deliver_outbox(agent.clone()));
-    tokio::spawn(say_hello(agent.clone()));
-
+    // Subscribe before the first hello: the hub delivers as soon as it hears one.
     let mut commands = agent
         .client
         .subscribe(agent.subjects.command(&agent.cfg.node))
         .await?;
+    tokio::spawn(say_hello(agent.clone()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

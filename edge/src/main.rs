@@ -76,10 +76,14 @@ fn init_logging() {
     let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| "info".parse().expect("valid filter"));
+        .unwrap_or_else(|| "info,async_nats=warn".parse().expect("valid filter"));
     use tracing_subscriber::prelude::*;
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .with(filter)
         .init();
 }

@@ -1,1 +1,310 @@
-fn main() {}
+//! `outpost-hub`: parse flags, install logging, and run one subcommand.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outpost_hub::cli::{self, exit};
+use outpost_hub::conn::NatsArgs;
+use outpost_hub::{pki, serve};
+use outpost_wire::api::SendRequest;
+use outpost_wire::subject::Subjects;
+use outpost_wire::{Exec, FileRead, FileWrite, Method, MsgId, now_ms};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// outpost hub: commands a fleet of edge units over NATS and knows, at all times,
+/// the state of every unit and every command.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the hub daemon: persist, sign and deliver commands; store outcomes.
+    Serve(ServeArgs),
+    /// Send a command to a unit and wait for its outcome.
+    #[command(after_help = SEND_HELP)]
+    Send(SendArgs),
+    /// List units: online or offline since when, inventory, pending commands.
+    Nodes {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one command: its state, attempts, outcome and output.
+    Show {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The command id (32 hex digits, as `send` prints it).
+        id: MsgId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fleet PKI: CA, NATS server certificate, command-signing key, nats-server config.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+}
+
+const SEND_HELP: &str = "\
+Examples:
+  outpost-hub send --to pi-17 -- uname -a
+  outpost-hub send --to pi-17 --domain nginx --timeout 2m -- systemctl reload nginx
+  outpost-hub send --to pi-17 --method file.write --data-file motd -- /etc/motd
+  outpost-hub send --to pi-17 --method file.read -- /etc/os-release
+  outpost-hub send --to pi-17 --method ping --no-wait
+
+Exit status: 0 when the command succeeded; the unit's exit code when it failed with
+one; 1 failed without an exit code; 124 timed out on the unit; 125 rejected by the
+unit; 126 expired before the unit accepted it; 255 outpost could not do it (bad
+input, broker or hub unreachable).";
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// The hub's command-signing key (PKCS#8, from `pki init`).
+    #[arg(long, env = "OUTPOST_SIGNING_KEY")]
+    signing_key: PathBuf,
+    /// This hub's name, carried in every command it issues.
+    #[arg(long, env = "OUTPOST_HUB_NAME", default_value = "hub")]
+    name: String,
+    /// How long to wait for a unit's ACK before retrying.
+    #[arg(long, env = "OUTPOST_ACK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    ack_timeout: Duration,
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// The unit to command.
+    #[arg(long)]
+    to: String,
+    /// What to do: exec, ping, file.write, file.read.
+    #[arg(long, short, default_value = "exec")]
+    method: String,
+    /// What it is for (state is kept per unit, method and domain), e.g. nginx.
+    #[arg(long, short, default_value = "")]
+    domain: String,
+    /// How long the method may run on the unit (default: the unit's, 5 minutes).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// How long the hub keeps trying to deliver before the command expires.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    deadline: Duration,
+    /// exec: an environment variable KEY=VALUE; repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// exec: working directory on the unit.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// file.write: local file with the new contents (`-` for stdin).
+    #[arg(long)]
+    data_file: Option<PathBuf>,
+    /// file.write: permission bits, octal.
+    #[arg(long, default_value = "0644")]
+    mode: String,
+    /// file.read: read at most this many bytes (0: the unit's output cap).
+    #[arg(long, default_value_t = 0)]
+    max_bytes: u32,
+    /// Return once the hub has queued the command; print its id.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print the final record as JSON instead of the output.
+    #[arg(long)]
+    json: bool,
+    /// exec: the program and its arguments; file.*: the path on the unit.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Make a new fleet PKI in a directory.
+    Init {
+        /// Directory to write into (created if missing).
+        #[arg(long, env = "OUTPOST_PKI_DIR")]
+        dir: PathBuf,
+        /// DNS name or IP the NATS server is reached at; repeatable.
+        #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
+        hosts: Vec<String>,
+        /// host:port nats-server listens on.
+        #[arg(long, default_value = "127.0.0.1:4222")]
+        listen: String,
+        /// Replace an existing PKI.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn method_of(a: &SendArgs) -> anyhow::Result<Method> {
+    let one_path = || -> anyhow::Result<String> {
+        match a.args.as_slice() {
+            [p] => Ok(p.clone()),
+            _ => anyhow::bail!("{} takes exactly one path after --", a.method),
+        }
+    };
+    Ok(match a.method.as_str() {
+        "ping" => Method::Ping,
+        "exec" => {
+            if a.args.is_empty() {
+                anyhow::bail!("exec needs a program after --, e.g. `send --to pi-1 -- uname -a`");
+            }
+            let env = a
+                .env
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("--env {kv:?}: write KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            Method::Exec(Exec { argv: a.args.clone(), env, cwd: a.cwd.clone() })
+        }
+        "file.write" => {
+            let src = a.data_file.as_ref().context("file.write needs --data-file FILE (or - for stdin)")?;
+            let data = if src.as_os_str() == "-" {
+                let mut d = Vec::new();
+                std::io::stdin().read_to_end(&mut d)?;
+                d
+            } else {
+                std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?
+            };
+            let mode = u32::from_str_radix(a.mode.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o7777)
+                .with_context(|| format!("--mode {:?} is not an octal permission like 0644", a.mode))?;
+            Method::FileWrite(FileWrite { path: one_path()?, mode, data })
+        }
+        "file.read" => Method::FileRead(FileRead { path: one_path()?, max_bytes: a.max_bytes }),
+        other => anyhow::bail!("unknown method {other:?}: use exec, ping, file.write or file.read"),
+    })
+}
+
+/// `RUST_LOG` wins; otherwise the daemon logs at info and the CLI only warnings, so
+/// a command's output is not mixed with connection chatter.
+fn init_logging(daemon: bool) {
+    let default = if daemon { "info,async_nats=warn" } else { "warn,async_nats=error" };
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| default.parse().expect("valid filter"));
+    use tracing_subscriber::prelude::*;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<u8> {
+    match cmd {
+        Cmd::Serve(a) => {
+            let der = std::fs::read(&a.signing_key)
+                .with_context(|| format!("cannot read signing key {}", a.signing_key.display()))?;
+            let signing_key = outpost_wire::sign::SigningKey::from_pkcs8(&der)
+                .with_context(|| format!("signing key {}", a.signing_key.display()))?;
+            outpost_wire::names::check_node(&a.name).context("--name")?;
+            let client = a.nats.connect_daemon(&format!("outpost-hub {}", a.name)).await?;
+            let cfg = serve::ServeConfig {
+                name: a.name,
+                prefix: a.nats.prefix.clone(),
+                signing_key,
+                ack_timeout: a.ack_timeout,
+            };
+            serve::serve(cfg, client, shutdown_signal()).await?;
+            Ok(0)
+        }
+        Cmd::Send(a) => {
+            let method = method_of(&a)?;
+            let req = SendRequest {
+                id: MsgId::new(now_ms()),
+                to: a.to.clone(),
+                domain: a.domain.clone(),
+                method,
+                timeout_ms: a.timeout.map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32),
+                ttl_ms: a.deadline.as_millis() as u64,
+            };
+            let client = a.nats.connect_once("outpost-hub send").await?;
+            let subjects = Subjects::new(&a.nats.prefix);
+            let rec = cli::send(&client, &subjects, req, !a.no_wait, !a.json).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&cli::record_json(&rec))?);
+            } else if a.no_wait {
+                println!("{}", rec.id);
+            } else {
+                cli::print_outcome(&rec)?;
+            }
+            Ok(if a.no_wait { 0 } else { cli::exit_code(&rec) })
+        }
+        Cmd::Nodes { nats, json } => {
+            let client = nats.connect_once("outpost-hub nodes").await?;
+            let nodes = cli::nodes(&client, &Subjects::new(&nats.prefix)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                print!("{}", cli::nodes_table(&nodes));
+            }
+            Ok(0)
+        }
+        Cmd::Show { nats, id, json } => {
+            let client = nats.connect_once("outpost-hub show").await?;
+            let rec = cli::show(&client, &Subjects::new(&nats.prefix), id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cli::record_json(&rec))?);
+            } else {
+                print!("{}", cli::record_text(&rec));
+            }
+            Ok(0)
+        }
+        Cmd::Pki(PkiCmd::Init { dir, hosts, listen, force }) => {
+            pki::init(&pki::InitOptions { dir: dir.clone(), hosts, listen, force })?;
+            println!("fleet PKI written to {}", dir.display());
+            println!("  start the broker:  nats-server -c {}", dir.join(pki::NATS_CONF).display());
+            println!("  hub signing key:   {}", dir.join(pki::SIGNING_KEY).display());
+            println!("  units pin:         {} and the key in {}", dir.join(pki::CA_CERT).display(), dir.join(pki::SIGNING_PUB).display());
+            Ok(0)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.cmd, Cmd::Serve(_)));
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost-hub: cannot start the runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("outpost-hub: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}

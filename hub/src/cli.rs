@@ -1,0 +1,297 @@
+//! The operator CLI: `send`, `nodes`, `show`. Talks to the hub daemon over
+//! `<prefix>.api.*` and follows a command through `<prefix>.event.cmd.<id>`.
+
+use anyhow::{Context, anyhow, bail};
+use async_nats::{Client, Request, RequestErrorKind};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use outpost_wire::api::{ApiReply, CmdState, CommandRecord, NodeView, NodesRequest, SendRequest, ShowRequest};
+use outpost_wire::subject::Subjects;
+use outpost_wire::{MsgId, Status, decode, encode, now_ms};
+use serde::{Serialize, de::DeserializeOwned};
+use std::io::Write;
+use std::time::Duration;
+
+/// How long one API call may take before the CLI says the hub is not answering.
+pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a waiting `send` re-reads the record in case it missed an event
+/// (for example across a hub restart).
+pub const POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// Exit codes of `outpost-hub send`, besides the unit's own exit code.
+pub mod exit {
+    /// The command failed on the unit without an exit code (spawn error, killed, interrupted).
+    pub const FAILED: u8 = 1;
+    /// The method ran past its timeout on the unit and was killed.
+    pub const TIMED_OUT: u8 = 124;
+    /// The unit refused the command; it never ran.
+    pub const REJECTED: u8 = 125;
+    /// The deadline passed before the unit accepted it; it never ran.
+    pub const EXPIRED: u8 = 126;
+    /// outpost itself failed: bad input, broker or hub unreachable.
+    pub const ERROR: u8 = 255;
+}
+
+/// One API call, with errors an operator can act on.
+pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    client: &Client,
+    subjects: &Subjects,
+    name: &str,
+    req: &Req,
+) -> anyhow::Result<Resp> {
+    let subject = subjects.api(name);
+    let r = Request::new()
+        .payload(Bytes::from(encode(req)))
+        .timeout(Some(API_TIMEOUT));
+    let msg = client.send_request(subject.clone(), r).await.map_err(|e| match e.kind() {
+        RequestErrorKind::NoResponders => {
+            anyhow!("no hub is serving {subject}: is `outpost-hub serve` running with the same --prefix?")
+        }
+        RequestErrorKind::TimedOut => anyhow!("the hub did not answer {subject} within {API_TIMEOUT:?}"),
+        _ => anyhow!("{subject}: {e}"),
+    })?;
+    match decode::<ApiReply<Resp>>(&msg.payload).context("undecodable hub reply")? {
+        ApiReply::Ok(v) => Ok(v),
+        ApiReply::Err(e) => bail!("hub: {e}"),
+    }
+}
+
+/// Queue a command and, unless `wait` is false, follow it to its final state.
+/// Returns the final (or, without waiting, the queued) record.
+pub async fn send(
+    client: &Client,
+    subjects: &Subjects,
+    req: SendRequest,
+    wait: bool,
+    progress: bool,
+) -> anyhow::Result<CommandRecord> {
+    let id = req.id;
+    // Subscribe before sending so no state change is missed.
+    let mut events = client.subscribe(subjects.event(&id)).await?;
+    let mut rec: CommandRecord = call(client, subjects, "send", &req).await?;
+    if progress {
+        eprintln!("outpost: command {id} queued for {}", req.to);
+    }
+    if !wait {
+        return Ok(rec);
+    }
+    let mut last_state = rec.state;
+    let mut last_note = String::new();
+    while !rec.state.is_final() {
+        match tokio::time::timeout(POLL_EVERY, events.next()).await {
+            Ok(Some(msg)) => {
+                if let Ok(r) = decode::<CommandRecord>(&msg.payload) {
+                    rec = r;
+                }
+            }
+            Ok(None) => bail!("event subscription closed"),
+            Err(_) => {
+                if let Ok(r) = call(client, subjects, "show", &ShowRequest { id }).await {
+                    rec = r;
+                }
+            }
+        }
+        if progress && (rec.state != last_state || rec.note != last_note) {
+            match rec.state {
+                CmdState::Sent => eprintln!("outpost: attempt {}: {}", rec.attempts, rec.note),
+                s if !s.is_final() => eprintln!("outpost: {}", s.word()),
+                _ => {}
+            }
+            last_state = rec.state;
+            last_note = rec.note.clone();
+        }
+    }
+    Ok(rec)
+}
+
+/// The exit code `send` ends with for a final record.
+pub fn exit_code(rec: &CommandRecord) -> u8 {
+    match rec.state {
+        CmdState::Succeeded => 0,
+        CmdState::Failed => match rec.outcome.as_ref().and_then(|o| o.exit_code) {
+            Some(c) if (1..=255).contains(&c) => c as u8,
+            _ => exit::FAILED,
+        },
+        CmdState::TimedOut => exit::TIMED_OUT,
+        CmdState::Rejected => exit::REJECTED,
+        CmdState::Expired => exit::EXPIRED,
+        _ => exit::ERROR,
+    }
+}
+
+/// Print a final record for a person: the output on stdout/stderr, then a status line.
+pub fn print_outcome(rec: &CommandRecord) -> std::io::Result<()> {
+    if let Some(o) = &rec.outcome {
+        std::io::stdout().write_all(&o.stdout)?;
+        std::io::stdout().flush()?;
+        std::io::stderr().write_all(&o.stderr)?;
+    }
+    eprintln!("outpost: {}", status_line(rec));
+    Ok(())
+}
+
+fn status_line(rec: &CommandRecord) -> String {
+    let mut s = format!("{} {} on {}", rec.method, rec.state.word(), rec.node);
+    if let Some(o) = &rec.outcome {
+        if let Some(c) = o.exit_code {
+            s.push_str(&format!(", exit code {c}"));
+        }
+        s.push_str(&format!(", {} ms", o.duration_ms));
+        match &o.status {
+            Status::Failed(r) => s.push_str(&format!(": {r}")),
+            Status::Rejected(r) => s.push_str(&format!(": {r}")),
+            _ => {}
+        }
+        if o.truncated {
+            s.push_str(" (output truncated at the unit's cap)");
+        }
+    } else if !rec.note.is_empty() {
+        s.push_str(&format!(": {}", rec.note));
+    }
+    s
+}
+
+/// A record as JSON, with outputs as (lossy UTF-8) strings rather than byte arrays.
+pub fn record_json(rec: &CommandRecord) -> serde_json::Value {
+    let mut v = serde_json::to_value(rec).unwrap_or_default();
+    if let (Some(o), Some(out)) = (&rec.outcome, v.get_mut("outcome")) {
+        out["stdout"] = String::from_utf8_lossy(&o.stdout).into();
+        out["stderr"] = String::from_utf8_lossy(&o.stderr).into();
+    }
+    v
+}
+
+pub async fn nodes(client: &Client, subjects: &Subjects) -> anyhow::Result<Vec<NodeView>> {
+    call(client, subjects, "nodes", &NodesRequest {}).await
+}
+
+pub async fn show(client: &Client, subjects: &Subjects, id: MsgId) -> anyhow::Result<CommandRecord> {
+    call(client, subjects, "show", &ShowRequest { id }).await
+}
+
+/// "12s ago", "3m ago", "never".
+pub fn ago(ms: u64, now: u64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86_399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+/// The `nodes` table.
+pub fn nodes_table(nodes: &[NodeView]) -> String {
+    let now = now_ms();
+    let header = ["NAME", "STATE", "SINCE", "LAST SEEN", "ARCH", "VERSION", "KERNEL", "PENDING", "LABELS"];
+    let rows: Vec<[String; 9]> = nodes
+        .iter()
+        .map(|n| {
+            [
+                n.name.clone(),
+                if n.online { "online" } else { "offline" }.into(),
+                ago(n.since, now),
+                ago(n.last_seen, now),
+                n.arch.clone(),
+                n.agent_version.clone(),
+                n.kernel.clone(),
+                n.pending.to_string(),
+                n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// `show` for a person.
+pub fn record_text(rec: &CommandRecord) -> String {
+    let now = now_ms();
+    let mut s = format!(
+        "command   {}\nnode      {}\nmethod    {}\ndomain    {}\nstate     {}\nissued    {}\ndeadline  {}\nattempts  {}\n",
+        rec.id,
+        rec.node,
+        rec.method,
+        if rec.domain.is_empty() { "-" } else { &rec.domain },
+        rec.state.word(),
+        ago(rec.issued_at, now),
+        if rec.deadline > now { format!("in {}s", (rec.deadline - now) / 1000) } else { "passed".into() },
+        rec.attempts,
+    );
+    if !rec.note.is_empty() {
+        s.push_str(&format!("note      {}\n", rec.note));
+    }
+    if let Some(o) = &rec.outcome {
+        s.push_str(&format!(
+            "status    {}\nexit code {}\nduration  {} ms\ntruncated {}\n",
+            status_line(rec),
+            o.exit_code.map_or("-".into(), |c| c.to_string()),
+            o.duration_ms,
+            o.truncated
+        ));
+        if !o.stdout.is_empty() {
+            s.push_str(&format!("--- stdout\n{}", String::from_utf8_lossy(&o.stdout)));
+            if !o.stdout.ends_with(b"\n") {
+                s.push('\n');
+            }
+        }
+        if !o.stderr.is_empty() {
+            s.push_str(&format!("--- stderr\n{}", String::from_utf8_lossy(&o.stderr)));
+            if !o.stderr.ends_with(b"\n") {
+                s.push('\n');
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ago_and_table() {
+        assert_eq!(ago(0, 5), "never");
+        assert_eq!(ago(1000, 6000), "5s ago");
+        assert_eq!(ago(1, 7_200_001), "2h ago");
+        let n = NodeView {
+            name: "pi-1".into(),
+            online: true,
+            since: now_ms(),
+            last_seen: now_ms(),
+            arch: "aarch64".into(),
+            os: "Debian".into(),
+            kernel: "6.1".into(),
+            agent_version: "0.1.0".into(),
+            labels: vec![("site".into(), "a".into())],
+            pending: 2,
+        };
+        let t = nodes_table(&[n]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("NAME"));
+        assert!(lines[1].contains("pi-1") && lines[1].contains("online") && lines[1].contains("site=a"));
+    }
+}

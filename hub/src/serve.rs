@@ -1,0 +1,798 @@
+//! `outpost-hub serve`: the daemon. Persists every command before sending it, delivers
+//! it to its unit until the unit ACKs or the deadline passes, stores every outcome,
+//! and keeps the registry of units. All state lives in [`crate::store`].
+//!
+//! ```text
+//! api.send ──▶ persist (Queued) ──▶ node task ──request──▶ unit ──Ack──▶ Accepted / Rejected
+//!                                      │ no ACK: backoff + jitter, at once on hello
+//!                                      └ deadline passed: Expired
+//! hub.result.<node> ──▶ store outcome (dedup by id) ──Receipt──▶ unit
+//! hub.hello.<node>  ──▶ node registry, kick that node's task
+//! ```
+
+use crate::store::{Cas, Store, StoreError, last_key};
+use async_nats::{Client, Message, Request, RequestErrorKind};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use outpost_wire::api::{
+    ApiReply, CmdState, CommandRecord, LastOutcome, NodeRecord, NodeView, SendRequest,
+    ShowRequest, StoredCommand,
+};
+use outpost_wire::sign::SigningKey;
+use outpost_wire::subject::Subjects;
+use outpost_wire::{
+    Ack, AckKind, Command, Hello, Level, Log, Method, MsgId, Outcome, Receipt, decode, encode,
+    names, now_ms,
+};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+/// How long the hub waits for a unit's ACK before it counts the attempt as failed.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Re-delivery backoff: doubling from 500 ms to 60 s, plus up to 25 % jitter, so an
+/// offline unit costs one request a minute and a fleet's retries do not align.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Messages waiting for one node's delivery task; `send` waits when it is full.
+pub const NODE_QUEUE: usize = 1024;
+/// Unit reports (outcomes, hellos) handled at once; further ones wait in the
+/// subscription (bounded by async-nats' subscription capacity).
+pub const REPORT_CONCURRENCY: usize = 256;
+/// A unit is offline after missing this many hellos.
+pub const MISSED_HELLOS: u64 = 3;
+/// Longest deadline the API accepts (30 days): the hub keeps trying that long.
+pub const MAX_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// What the daemon needs.
+pub struct ServeConfig {
+    pub name: String,
+    pub prefix: String,
+    pub signing_key: SigningKey,
+    pub ack_timeout: Duration,
+}
+
+enum NodeMsg {
+    Enqueue(MsgId),
+    /// The unit said hello: deliver now.
+    Kick,
+}
+
+/// The daemon's shared state. The maps are caches of what is in the store; the
+/// std mutexes are never held across an await.
+pub struct Hub {
+    name: String,
+    subjects: Subjects,
+    client: Client,
+    store: Store,
+    key: SigningKey,
+    ack_timeout: Duration,
+    /// Every command that is not final yet, with its KV revision.
+    cache: Mutex<HashMap<MsgId, (StoredCommand, u64)>>,
+    nodes: Mutex<HashMap<String, NodeRecord>>,
+    queues: Mutex<HashMap<String, mpsc::Sender<NodeMsg>>>,
+}
+
+fn grace_ms(n: &NodeRecord) -> u64 {
+    MISSED_HELLOS * n.hello.interval_s as u64 * 1000 + 2000
+}
+
+fn is_online(n: &NodeRecord, now: u64) -> bool {
+    now <= n.last_seen + grace_ms(n)
+}
+
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos() as u64)
+        .unwrap_or(0);
+    Duration::from_millis(nanos % (d.as_millis() as u64 / 4 + 1))
+}
+
+/// Run the daemon until `shutdown` resolves.
+pub async fn serve(
+    cfg: ServeConfig,
+    client: Client,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let store = loop {
+        match Store::open(&js, &cfg.prefix).await {
+            Ok(s) => break s,
+            Err(e) => {
+                error!(error = %e, "cannot open the JetStream buckets (is JetStream enabled?); retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let subjects = Subjects::new(&cfg.prefix);
+    let hub = Arc::new(Hub {
+        name: cfg.name,
+        subjects: subjects.clone(),
+        client: client.clone(),
+        store,
+        key: cfg.signing_key,
+        ack_timeout: cfg.ack_timeout,
+        cache: Mutex::new(HashMap::new()),
+        nodes: Mutex::new(HashMap::new()),
+        queues: Mutex::new(HashMap::new()),
+    });
+    // Subscribe before recovering so no report falls between the two.
+    let results = client.subscribe(subjects.all_results()).await?;
+    let hellos = client.subscribe(subjects.all_hellos()).await?;
+    let logs = client.subscribe(subjects.all_logs()).await?;
+    let api = client.subscribe(subjects.api("*")).await?;
+    hub.recover().await?;
+    info!(hub = %hub.name, prefix = %cfg.prefix, "hub serving");
+
+    let slots = Arc::new(Semaphore::new(REPORT_CONCURRENCY));
+    let tasks = [
+        tokio::spawn(report_loop(hub.clone(), results, slots.clone(), Kind::Result)),
+        tokio::spawn(report_loop(hub.clone(), hellos, slots.clone(), Kind::Hello)),
+        tokio::spawn(report_loop(hub.clone(), logs, slots.clone(), Kind::Log)),
+        tokio::spawn(report_loop(hub.clone(), api, slots, Kind::Api)),
+        tokio::spawn(watch_presence(hub.clone())),
+    ];
+    shutdown.await;
+    info!("hub shutting down");
+    for t in tasks {
+        t.abort();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Result,
+    Hello,
+    Log,
+    Api,
+}
+
+async fn report_loop(
+    hub: Arc<Hub>,
+    mut sub: async_nats::Subscriber,
+    slots: Arc<Semaphore>,
+    kind: Kind,
+) {
+    while let Some(msg) = sub.next().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            match kind {
+                Kind::Result => hub.on_outcome(msg).await,
+                Kind::Hello => hub.on_hello(msg).await,
+                Kind::Log => hub.on_log(msg),
+                Kind::Api => hub.on_api(msg).await,
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Log units going offline (and the hub's view of them) as it happens.
+async fn watch_presence(hub: Arc<Hub>) {
+    let mut offline: HashSet<String> = HashSet::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = now_ms();
+        let nodes = hub.nodes.lock().expect("nodes lock").clone();
+        for (name, n) in nodes {
+            let online = is_online(&n, now);
+            if !online && offline.insert(name.clone()) {
+                warn!(node = %name, last_seen_ms_ago = now - n.last_seen, "unit offline");
+            } else if online {
+                offline.remove(&name);
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// Load what the store holds: units, and every command not final yet.
+    async fn recover(self: &Arc<Self>) -> Result<(), StoreError> {
+        let nodes = self.store.all_nodes().await?;
+        let n_nodes = nodes.len();
+        self.nodes
+            .lock()
+            .expect("nodes lock")
+            .extend(nodes.into_iter().map(|n| (n.name.clone(), n)));
+        let mut to_deliver = Vec::new();
+        let mut open = 0;
+        for (c, rev) in self.store.all_commands().await? {
+            if c.record.state.is_final() {
+                continue;
+            }
+            open += 1;
+            if matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
+                to_deliver.push((c.record.node.clone(), c.record.id));
+            }
+            self.cache
+                .lock()
+                .expect("cache lock")
+                .insert(c.record.id, (c, rev));
+        }
+        to_deliver.sort_by_key(|(_, id)| *id);
+        let n_deliver = to_deliver.len();
+        for (node, id) in to_deliver {
+            self.enqueue(&node, id).await;
+        }
+        info!(
+            units = n_nodes,
+            open_commands = open,
+            to_deliver = n_deliver,
+            "recovered state"
+        );
+        Ok(())
+    }
+
+    fn queue(self: &Arc<Self>, node: &str) -> mpsc::Sender<NodeMsg> {
+        let mut queues = self.queues.lock().expect("queues lock");
+        queues
+            .entry(node.to_string())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(NODE_QUEUE);
+                tokio::spawn(node_loop(self.clone(), node.to_string(), rx));
+                tx
+            })
+            .clone()
+    }
+
+    async fn enqueue(self: &Arc<Self>, node: &str, id: MsgId) {
+        let _ = self.queue(node).send(NodeMsg::Enqueue(id)).await;
+    }
+
+    fn kick(&self, node: &str) {
+        if let Some(q) = self.queues.lock().expect("queues lock").get(node) {
+            let _ = q.try_send(NodeMsg::Kick);
+        }
+    }
+
+    /// Apply `f` to a command's record by compare-and-set; `f` returns false to leave
+    /// it as it is. Returns the new record when something changed.
+    async fn update(
+        &self,
+        id: &MsgId,
+        f: impl Fn(&mut StoredCommand) -> bool,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        for _ in 0..32 {
+            let cached = self.cache.lock().expect("cache lock").get(id).cloned();
+            let (mut c, rev) = match cached {
+                Some(x) => x,
+                None => match self.store.get_command(id).await? {
+                    Some(x) => {
+                        if !x.0.record.state.is_final() {
+                            self.cache.lock().expect("cache lock").insert(*id, x.clone());
+                        }
+                        x
+                    }
+                    None => return Ok(None),
+                },
+            };
+            if !f(&mut c) {
+                return Ok(None);
+            }
+            match self.store.update_command(&c, rev).await? {
+                Cas::Done(new_rev) => {
+                    {
+                        let mut cache = self.cache.lock().expect("cache lock");
+                        if c.record.state.is_final() {
+                            cache.remove(id);
+                        } else {
+                            cache.insert(*id, (c.clone(), new_rev));
+                        }
+                    }
+                    self.publish_event(&c.record).await;
+                    return Ok(Some(c.record));
+                }
+                Cas::Conflict => {
+                    self.cache.lock().expect("cache lock").remove(id);
+                }
+            }
+        }
+        Err(StoreError::Kv(format!("command {id}: too many conflicting updates")))
+    }
+
+    async fn publish_event(&self, r: &CommandRecord) {
+        let _ = self
+            .client
+            .publish(self.subjects.event(&r.id), Bytes::from(encode(r)))
+            .await;
+    }
+
+    /// One delivery attempt of the command at the front of a node's queue.
+    async fn deliver(&self, node: &str, id: MsgId) -> Delivery {
+        let Some((c, _)) = self.cache.lock().expect("cache lock").get(&id).cloned() else {
+            return Delivery::Done;
+        };
+        if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
+            return Delivery::Done;
+        }
+        if now_ms() > c.record.deadline {
+            self.expire(&id).await;
+            return Delivery::Done;
+        }
+        let req = Request::new()
+            .payload(Bytes::from(c.signed))
+            .timeout(Some(self.ack_timeout));
+        let problem = match self.client.send_request(self.subjects.command(node), req).await {
+            Ok(msg) => match decode::<Ack>(&msg.payload) {
+                Ok(ack) if ack.command == id => return self.on_ack(node, ack).await,
+                Ok(ack) => format!("ack names another command ({})", ack.command),
+                Err(e) => format!("undecodable ack: {e}"),
+            },
+            Err(e) => match e.kind() {
+                RequestErrorKind::NoResponders => "unit not connected (no responders)".into(),
+                RequestErrorKind::TimedOut => {
+                    format!("no ack within {} ms", self.ack_timeout.as_millis())
+                }
+                _ => e.to_string(),
+            },
+        };
+        debug!(node, command = %id, problem = %problem, "delivery attempt failed");
+        let now = now_ms();
+        let r = self
+            .update(&id, |c| {
+                if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
+                    return false;
+                }
+                c.record.state = CmdState::Sent;
+                c.record.attempts += 1;
+                c.record.last_attempt_at = now;
+                c.record.note = problem.clone();
+                true
+            })
+            .await;
+        if let Err(e) = r {
+            error!(command = %id, error = %e, "cannot record a delivery attempt");
+        }
+        Delivery::Retry
+    }
+
+    async fn on_ack(&self, node: &str, ack: Ack) -> Delivery {
+        let id = ack.command;
+        let now = now_ms();
+        let (state, note) = match &ack.kind {
+            AckKind::Accepted | AckKind::Duplicate(_) => (CmdState::Accepted, String::new()),
+            AckKind::Rejected(r) => (CmdState::Rejected, r.to_string()),
+            AckKind::Busy => {
+                let r = self
+                    .update(&id, |c| {
+                        if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
+                            return false;
+                        }
+                        c.record.state = CmdState::Sent;
+                        c.record.attempts += 1;
+                        c.record.last_attempt_at = now;
+                        c.record.note = "unit busy: its queue is full".into();
+                        true
+                    })
+                    .await;
+                if let Err(e) = r {
+                    error!(command = %id, error = %e, "cannot record a delivery attempt");
+                }
+                return Delivery::Retry;
+            }
+        };
+        let r = self
+            .update(&id, |c| {
+                if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
+                    return false;
+                }
+                c.record.state = state;
+                c.record.attempts += 1;
+                c.record.last_attempt_at = now;
+                c.record.note = note.clone();
+                if state == CmdState::Accepted {
+                    c.record.accepted_at = Some(now);
+                } else {
+                    c.record.finished_at = Some(now);
+                }
+                true
+            })
+            .await;
+        match r {
+            Ok(_) if state == CmdState::Rejected => {
+                warn!(node, command = %id, reason = %note, "unit rejected command")
+            }
+            Ok(_) => debug!(node, command = %id, "command accepted"),
+            // The unit has it either way; a later re-delivery is answered Duplicate.
+            Err(e) => error!(command = %id, error = %e, "cannot record an ack"),
+        }
+        Delivery::Done
+    }
+
+    async fn expire(&self, id: &MsgId) {
+        let now = now_ms();
+        let r = self
+            .update(id, |c| {
+                if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
+                    return false;
+                }
+                c.record.state = CmdState::Expired;
+                c.record.finished_at = Some(now);
+                c.record.note = format!(
+                    "deadline passed after {} delivery attempts; {}",
+                    c.record.attempts,
+                    if c.record.note.is_empty() { "no answer" } else { &c.record.note }
+                );
+                true
+            })
+            .await;
+        match r {
+            Ok(Some(rec)) => warn!(node = %rec.node, command = %id, "command expired undelivered"),
+            Ok(None) => {}
+            Err(e) => error!(command = %id, error = %e, "cannot record expiry"),
+        }
+    }
+
+    /// The deadline of a queued command, if it is still waiting for delivery.
+    fn deadline_of(&self, id: &MsgId) -> Option<u64> {
+        let cache = self.cache.lock().expect("cache lock");
+        let (c, _) = cache.get(id)?;
+        matches!(c.record.state, CmdState::Queued | CmdState::Sent).then_some(c.record.deadline)
+    }
+
+    async fn on_outcome(&self, msg: Message) {
+        let Some(node) = self.subjects.node_of(&msg.subject).map(str::to_string) else {
+            return;
+        };
+        let o = match decode::<Outcome>(&msg.payload) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(node, error = %e, "undecodable outcome dropped");
+                return;
+            }
+        };
+        let id = o.command;
+        let now = now_ms();
+        let r = self
+            .update(&id, |c| {
+                if c.record.node != node || c.record.outcome.is_some() {
+                    return false;
+                }
+                c.record.state = CmdState::of(&o.status);
+                c.record.outcome = Some(o.clone());
+                c.record.finished_at = Some(now);
+                c.record.accepted_at.get_or_insert(now);
+                // An outcome is the truth: it overrides an Expired that raced with a
+                // late acceptance, and clears delivery notes.
+                c.record.note.clear();
+                true
+            })
+            .await;
+        match r {
+            Ok(Some(rec)) => {
+                info!(node, command = %id, method = %rec.method, domain = %rec.domain,
+                      status = o.status.word(), exit = ?o.exit_code, "command finished");
+                self.record_last(&rec, &o).await;
+            }
+            Ok(None) => match self.store.get_command(&id).await {
+                Ok(Some((c, _))) if c.record.node != node => {
+                    warn!(node, command = %id, addressed_to = %c.record.node,
+                          "outcome from a unit the command was not for: ignored")
+                }
+                Ok(Some(_)) => debug!(node, command = %id, "duplicate outcome"),
+                Ok(None) => warn!(node, command = %id, "outcome for an unknown command: ignored"),
+                Err(e) => {
+                    error!(command = %id, error = %e, "cannot check an outcome; no receipt");
+                    return;
+                }
+            },
+            Err(e) => {
+                // No receipt: the unit keeps the outcome and sends it again.
+                error!(command = %id, error = %e, "cannot store an outcome; no receipt");
+                return;
+            }
+        }
+        if let Some(reply) = msg.reply {
+            let _ = self
+                .client
+                .publish(reply, Bytes::from(encode(&Receipt { command: id })))
+                .await;
+        }
+    }
+
+    /// Keep the last outcome per (node, method, domain): the newest command wins,
+    /// whatever order outcomes arrive in.
+    async fn record_last(&self, rec: &CommandRecord, o: &Outcome) {
+        let key = last_key(&rec.node, &rec.method, &rec.domain);
+        match self.store.get_last(key.clone()).await {
+            Ok(Some(prev)) if prev.command > rec.id => return,
+            Err(e) => warn!(error = %e, "cannot read last outcome"),
+            _ => {}
+        }
+        let last = LastOutcome {
+            command: rec.id,
+            status: o.status.clone(),
+            exit_code: o.exit_code,
+            finished_at: rec.finished_at.unwrap_or(0),
+        };
+        if let Err(e) = self.store.put_last(key, &last).await {
+            warn!(error = %e, "cannot store last outcome");
+        }
+    }
+
+    async fn on_hello(&self, msg: Message) {
+        let Some(node) = self.subjects.node_of(&msg.subject).map(str::to_string) else {
+            return;
+        };
+        let hello = match decode::<Hello>(&msg.payload) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(node, error = %e, "undecodable hello dropped");
+                return;
+            }
+        };
+        let now = now_ms();
+        let (rec, came_online, restarted) = {
+            let mut nodes = self.nodes.lock().expect("nodes lock");
+            let prev = nodes.get(&node).cloned();
+            let was_online = prev.as_ref().is_some_and(|p| is_online(p, now));
+            let restarted = prev
+                .as_ref()
+                .is_some_and(|p| p.hello.agent_started_at != hello.agent_started_at);
+            let rec = NodeRecord {
+                name: node.clone(),
+                first_seen: prev.as_ref().map_or(now, |p| p.first_seen),
+                last_seen: now,
+                online_since: match &prev {
+                    Some(p) if was_online => p.online_since,
+                    _ => now,
+                },
+                hello,
+            };
+            nodes.insert(node.clone(), rec.clone());
+            (rec, !was_online, restarted)
+        };
+        if came_online {
+            info!(node, arch = %rec.hello.arch, version = %rec.hello.agent_version, "unit online");
+        } else if restarted {
+            info!(node, "unit agent restarted");
+        }
+        if let Err(e) = self.store.put_node(&rec).await {
+            warn!(node, error = %e, "cannot store unit record");
+        }
+        self.kick(&node);
+    }
+
+    fn on_log(&self, msg: Message) {
+        let Some(node) = self.subjects.node_of(&msg.subject) else { return };
+        match decode::<Log>(&msg.payload) {
+            Ok(l) => {
+                let cmd = l.command.map(|c| c.to_string()).unwrap_or_default();
+                match l.level {
+                    Level::Error => error!(node, command = %cmd, message = %l.message, "unit log"),
+                    Level::Warn => warn!(node, command = %cmd, message = %l.message, "unit log"),
+                    Level::Info => info!(node, command = %cmd, message = %l.message, "unit log"),
+                }
+            }
+            Err(e) => warn!(node, error = %e, "undecodable unit log dropped"),
+        }
+    }
+
+    async fn on_api(self: &Arc<Self>, msg: Message) {
+        let call = msg.subject.rsplit('.').next().unwrap_or_default().to_string();
+        let reply = match call.as_str() {
+            "send" => respond(self.api_send(&msg.payload).await),
+            "show" => respond(self.api_show(&msg.payload).await),
+            "nodes" => respond(Ok::<_, String>(self.api_nodes())),
+            other => respond::<()>(Err(format!("unknown API call {other:?}"))),
+        };
+        if let Some(to) = msg.reply {
+            let _ = self.client.publish(to, Bytes::from(reply)).await;
+        }
+    }
+
+    async fn api_send(self: &Arc<Self>, payload: &[u8]) -> Result<CommandRecord, String> {
+        let req: SendRequest = decode(payload).map_err(|e| format!("bad send request: {e}"))?;
+        names::check_node(&req.to).map_err(|e| e.to_string())?;
+        names::check_domain(&req.domain).map_err(|e| e.to_string())?;
+        if req.ttl_ms == 0 || req.ttl_ms > MAX_TTL_MS {
+            return Err(format!("deadline must be between 1 ms and {} days", MAX_TTL_MS / 86_400_000));
+        }
+        if let Method::Exec(e) = &req.method {
+            if e.argv.is_empty() {
+                return Err("exec needs a program: give it after --".into());
+            }
+        }
+        // Idempotent: a retried request with the same id returns the first one.
+        if let Some((c, _)) = self.store.get_command(&req.id).await.map_err(|e| e.to_string())? {
+            return Ok(c.record);
+        }
+        let now = now_ms();
+        let cmd = Command {
+            id: req.id,
+            from: self.name.clone(),
+            to: req.to.clone(),
+            issued_at: now,
+            deadline: now + req.ttl_ms,
+            domain: req.domain.clone(),
+            timeout_ms: req.timeout_ms,
+            method: req.method,
+        };
+        let signed = self.key.sign(&cmd);
+        if signed.len() > outpost_wire::MAX_PAYLOAD as usize {
+            return Err(format!(
+                "command is {} bytes, over the {} byte limit",
+                signed.len(),
+                outpost_wire::MAX_PAYLOAD
+            ));
+        }
+        let record = CommandRecord {
+            id: cmd.id,
+            node: cmd.to.clone(),
+            method: cmd.method.name().into(),
+            domain: cmd.domain.clone(),
+            issued_at: now,
+            deadline: cmd.deadline,
+            state: CmdState::Queued,
+            attempts: 0,
+            last_attempt_at: 0,
+            accepted_at: None,
+            finished_at: None,
+            note: String::new(),
+            outcome: None,
+        };
+        let stored = StoredCommand { record: record.clone(), signed };
+        match self.store.create_command(&stored).await.map_err(|e| e.to_string())? {
+            Some(rev) => {
+                self.cache
+                    .lock()
+                    .expect("cache lock")
+                    .insert(cmd.id, (stored, rev));
+                info!(node = %cmd.to, command = %cmd.id, method = %record.method, domain = %record.domain, "command queued");
+                self.publish_event(&record).await;
+                self.enqueue(&cmd.to, cmd.id).await;
+                Ok(record)
+            }
+            None => match self.store.get_command(&req.id).await.map_err(|e| e.to_string())? {
+                Some((c, _)) => Ok(c.record),
+                None => Err(format!("command {} vanished while being created", req.id)),
+            },
+        }
+    }
+
+    async fn api_show(&self, payload: &[u8]) -> Result<CommandRecord, String> {
+        let req: ShowRequest = decode(payload).map_err(|e| format!("bad show request: {e}"))?;
+        if let Some((c, _)) = self.cache.lock().expect("cache lock").get(&req.id) {
+            return Ok(c.record.clone());
+        }
+        match self.store.get_command(&req.id).await {
+            Ok(Some((c, _))) => Ok(c.record),
+            Ok(None) => Err(format!("no command {}", req.id)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn api_nodes(&self) -> Vec<NodeView> {
+        let now = now_ms();
+        let mut pending: HashMap<String, u32> = HashMap::new();
+        for (c, _) in self.cache.lock().expect("cache lock").values() {
+            *pending.entry(c.record.node.clone()).or_default() += 1;
+        }
+        let nodes = self.nodes.lock().expect("nodes lock");
+        let mut out: Vec<NodeView> = nodes
+            .values()
+            .map(|n| {
+                let online = is_online(n, now);
+                NodeView {
+                    name: n.name.clone(),
+                    online,
+                    since: if online { n.online_since } else { n.last_seen + grace_ms(n) },
+                    last_seen: n.last_seen,
+                    arch: n.hello.arch.clone(),
+                    os: n.hello.os.clone(),
+                    kernel: n.hello.kernel.clone(),
+                    agent_version: n.hello.agent_version.clone(),
+                    labels: n.hello.labels.clone(),
+                    pending: pending.get(&n.name).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        // Units that have commands waiting but never said hello.
+        for (name, count) in pending {
+            if !nodes.contains_key(&name) {
+                out.push(NodeView {
+                    name,
+                    online: false,
+                    since: 0,
+                    last_seen: 0,
+                    arch: String::new(),
+                    os: String::new(),
+                    kernel: String::new(),
+                    agent_version: String::new(),
+                    labels: vec![],
+                    pending: count,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+fn respond<T: Serialize>(r: Result<T, String>) -> Vec<u8> {
+    encode(&match r {
+        Ok(v) => ApiReply::Ok(v),
+        Err(e) => ApiReply::Err(e),
+    })
+}
+
+enum Delivery {
+    /// Nothing more to do for this command here (accepted, rejected, expired, gone).
+    Done,
+    /// Try again after a backoff.
+    Retry,
+}
+
+/// One task per unit: delivers its commands one at a time, in id (= issue) order, so
+/// commands to one unit are accepted — and started — in the order the hub issued them.
+async fn node_loop(hub: Arc<Hub>, node: String, mut rx: mpsc::Receiver<NodeMsg>) {
+    let mut queue: BTreeSet<MsgId> = BTreeSet::new();
+    let mut backoff = BACKOFF_MIN;
+    let mut next_try = Instant::now();
+    let apply = |m: NodeMsg, q: &mut BTreeSet<MsgId>, next: &mut Instant, b: &mut Duration| match m {
+        NodeMsg::Enqueue(id) => {
+            q.insert(id);
+        }
+        NodeMsg::Kick => {
+            *next = Instant::now();
+            *b = BACKOFF_MIN;
+        }
+    };
+    loop {
+        while let Ok(m) = rx.try_recv() {
+            apply(m, &mut queue, &mut next_try, &mut backoff);
+        }
+        // Drop what is no longer waiting; expire what is past its deadline.
+        let now = now_ms();
+        let mut earliest = u64::MAX;
+        for id in queue.clone() {
+            match hub.deadline_of(&id) {
+                None => {
+                    queue.remove(&id);
+                }
+                Some(d) if now > d => {
+                    hub.expire(&id).await;
+                    queue.remove(&id);
+                }
+                Some(d) => earliest = earliest.min(d),
+            }
+        }
+        let Some(&front) = queue.first() else {
+            match rx.recv().await {
+                Some(m) => apply(m, &mut queue, &mut next_try, &mut backoff),
+                None => return,
+            }
+            continue;
+        };
+        if Instant::now() < next_try {
+            let until_deadline = Duration::from_millis(earliest.saturating_sub(now_ms()) + 1);
+            let wake = next_try.min(Instant::now() + until_deadline);
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => apply(m, &mut queue, &mut next_try, &mut backoff),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            continue;
+        }
+        match hub.deliver(&node, front).await {
+            Delivery::Done => {
+                queue.remove(&front);
+                backoff = BACKOFF_MIN;
+            }
+            Delivery::Retry => {
+                next_try = Instant::now() + backoff + jitter(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
