@@ -11,17 +11,17 @@
 //! ```
 
 use crate::config::Config;
+use crate::inventory;
 use crate::methods::{self, Limits};
 use crate::state::{StateDir, Ticket};
-use crate::inventory;
 use async_nats::{Client, ConnectOptions, Event};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use outpost_wire::sign::VerifyError;
 use outpost_wire::subject::Subjects;
 use outpost_wire::{
-    Ack, AckKind, Hello, Level, Log, MsgId, Receipt, RejectCode, Rejection, decode, encode,
-    now_ms, sign,
+    Ack, AckKind, Hello, Level, Log, MsgId, Receipt, RejectCode, Rejection, decode, encode, now_ms,
+    sign,
 };
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -113,7 +113,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             Ok(s) => break s,
             Err(e) => {
                 error!(error = %e, "cannot open the state dir; retrying");
-                publish_log(&client, &subjects, &cfg.node, Level::Error, e.to_string(), None).await;
+                publish_log(
+                    &client,
+                    &subjects,
+                    &cfg.node,
+                    Level::Error,
+                    e.to_string(),
+                    None,
+                )
+                .await;
                 tokio::time::sleep(STATE_RETRY).await;
             }
         }
@@ -163,10 +171,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             msg = commands.next() => {
                 let Some(msg) = msg else { break };
                 let ack = handle(&agent, &tx, &msg.payload).await;
-                if let Some(reply) = msg.reply {
-                    if let Err(e) = agent.client.publish(reply, Bytes::from(encode(&ack))).await {
-                        warn!(error = %e, command = %ack.command, "cannot send ack");
-                    }
+                if let Some(reply) = msg.reply
+                    && let Err(e) = agent.client.publish(reply, Bytes::from(encode(&ack))).await
+                {
+                    warn!(error = %e, command = %ack.command, "cannot send ack");
                 }
             }
             _ = &mut shutdown => break,
@@ -199,7 +207,9 @@ async fn handle(agent: &Agent, tx: &mpsc::Sender<Ticket>, payload: &[u8]) -> Ack
     let cmd = match agent.cfg.hub_key.verify(payload) {
         Ok(c) => c,
         Err(e) => {
-            let id = sign::peek_unverified(payload).map(|c| c.id).unwrap_or(MsgId([0; 16]));
+            let id = sign::peek_unverified(payload)
+                .map(|c| c.id)
+                .unwrap_or(MsgId([0; 16]));
             let code = match e {
                 VerifyError::Decode(_) => RejectCode::Malformed,
                 VerifyError::Short | VerifyError::BadSignature => RejectCode::BadSignature,
@@ -208,8 +218,15 @@ async fn handle(agent: &Agent, tx: &mpsc::Sender<Ticket>, payload: &[u8]) -> Ack
             // bytes that are too short or unsigned are garbage or an attack.
             let detail = e.to_string();
             warn!(command = %id, reason = %detail, bytes = payload.len(), "rejected command");
-            publish_log(&agent.client, &agent.subjects, node, Level::Warn,
-                format!("rejected a command: {detail}"), Some(id)).await;
+            publish_log(
+                &agent.client,
+                &agent.subjects,
+                node,
+                Level::Warn,
+                format!("rejected a command: {detail}"),
+                Some(id),
+            )
+            .await;
             return reject(id, code, detail);
         }
     };
@@ -221,7 +238,10 @@ async fn handle(agent: &Agent, tx: &mpsc::Sender<Ticket>, payload: &[u8]) -> Ack
     }
     if let Some(recorded) = agent.state.lock().expect("state lock").lookup(&id) {
         debug!(command = %id, "duplicate delivery");
-        return Ack { command: id, kind: AckKind::Duplicate(recorded) };
+        return Ack {
+            command: id,
+            kind: AckKind::Duplicate(recorded),
+        };
     }
     let now = now_ms();
     if now > cmd.deadline {
@@ -241,19 +261,36 @@ async fn handle(agent: &Agent, tx: &mpsc::Sender<Ticket>, payload: &[u8]) -> Ack
     }
     let Ok(slot) = tx.try_reserve() else {
         debug!(command = %id, "queue full: busy");
-        return Ack { command: id, kind: AckKind::Busy };
+        return Ack {
+            command: id,
+            kind: AckKind::Busy,
+        };
     };
     let accepted = agent.state.lock().expect("state lock").accept(&cmd);
     match accepted {
         Ok(ticket) => {
             info!(command = %id, method, domain = %cmd.domain, "accepted command");
             slot.send(ticket);
-            Ack { command: id, kind: AckKind::Accepted }
+            Ack {
+                command: id,
+                kind: AckKind::Accepted,
+            }
         }
         Err(e) => {
             error!(command = %id, error = %e, "cannot record the command: answering busy");
-            publish_log(&agent.client, &agent.subjects, node, Level::Error, e.to_string(), Some(id)).await;
-            Ack { command: id, kind: AckKind::Busy }
+            publish_log(
+                &agent.client,
+                &agent.subjects,
+                node,
+                Level::Error,
+                e.to_string(),
+                Some(id),
+            )
+            .await;
+            Ack {
+                command: id,
+                kind: AckKind::Busy,
+            }
         }
     }
 }
@@ -261,7 +298,9 @@ async fn handle(agent: &Agent, tx: &mpsc::Sender<Ticket>, payload: &[u8]) -> Ack
 /// Start accepted commands in acceptance order, at most `concurrency` at once.
 async fn dispatch(agent: Arc<Agent>, mut rx: mpsc::Receiver<Ticket>, slots: Arc<Semaphore>) {
     while let Some(ticket) = rx.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         // Mark it running before it runs: from here a crash reports it interrupted
         // instead of running it a second time.
         retry_state(&agent, ticket.command.id, |s| s.start(&ticket)).await;
@@ -299,8 +338,15 @@ async fn retry_state(
             Ok(()) => return,
             Err(e) => {
                 error!(command = %id, error = %e, "state dir write failed; retrying");
-                publish_log(&agent.client, &agent.subjects, &agent.cfg.node, Level::Error,
-                    e.to_string(), Some(id)).await;
+                publish_log(
+                    &agent.client,
+                    &agent.subjects,
+                    &agent.cfg.node,
+                    Level::Error,
+                    e.to_string(),
+                    Some(id),
+                )
+                .await;
                 tokio::time::sleep(STATE_RETRY).await;
             }
         }
@@ -319,7 +365,9 @@ async fn deliver_outbox(agent: Arc<Agent>) {
         });
         let mut failed = false;
         for path in entries {
-            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
             let id = match decode::<outpost_wire::Outcome>(&bytes) {
                 Ok(o) => o.command,
                 Err(e) => {
@@ -353,7 +401,8 @@ async fn deliver_outbox(agent: Arc<Agent>) {
             }
         }
         if failed {
-            let wait = backoff + Duration::from_millis(jitter_ms(backoff.as_millis() as u64 / 4 + 1));
+            let wait =
+                backoff + Duration::from_millis(jitter_ms(backoff.as_millis() as u64 / 4 + 1));
             backoff = (backoff * 2).min(OUTBOX_BACKOFF_MAX);
             let _ = tokio::time::timeout(wait, agent.outbox_kick.notified()).await;
         } else {
@@ -384,7 +433,11 @@ async fn say_hello(agent: Arc<Agent>) {
             pending: pending as u32,
             interval_s: agent.cfg.hello_interval.as_secs() as u32,
         };
-        if let Err(e) = agent.client.publish(subject.clone(), Bytes::from(encode(&hello))).await {
+        if let Err(e) = agent
+            .client
+            .publish(subject.clone(), Bytes::from(encode(&hello)))
+            .await
+        {
             warn!(error = %e, "cannot publish hello");
         }
         let _ = tokio::time::timeout(agent.cfg.hello_interval, agent.hello_kick.notified()).await;
@@ -399,8 +452,16 @@ async fn publish_log(
     message: String,
     command: Option<MsgId>,
 ) {
-    let log = Log { level, at: now_ms(), message, command };
-    if let Err(e) = client.publish(subjects.log(node), Bytes::from(encode(&log))).await {
+    let log = Log {
+        level,
+        at: now_ms(),
+        message,
+        command,
+    };
+    if let Err(e) = client
+        .publish(subjects.log(node), Bytes::from(encode(&log)))
+        .await
+    {
         debug!(error = %e, "cannot publish log to the hub");
     }
 }

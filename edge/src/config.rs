@@ -174,7 +174,9 @@ impl Config {
         })?;
         let mut labels = Vec::new();
         for l in f.labels.iter().chain(o.labels.iter()) {
-            let (k, v) = l.split_once('=').ok_or_else(|| ConfigError::Label(l.clone()))?;
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| ConfigError::Label(l.clone()))?;
             if k.is_empty() {
                 return Err(ConfigError::Label(l.clone()));
             }

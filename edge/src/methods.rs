@@ -36,7 +36,9 @@ fn check_path(path: &str) -> Result<(), String> {
     if !p.is_absolute() {
         return Err(format!("path {path:?} is not absolute"));
     }
-    if p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
         return Err(format!("path {path:?} contains `..`"));
     }
     if p.file_name().is_none() {
@@ -134,7 +136,10 @@ async fn exec(e: &Exec, limits: Limits) -> Outcome {
                 (Status::Failed(format!("killed by signal {sig}")), None)
             }
         },
-        Ok(Err(err)) => (Status::Failed(format!("waiting for the process: {err}")), None),
+        Ok(Err(err)) => (
+            Status::Failed(format!("waiting for the process: {err}")),
+            None,
+        ),
         Err(_) => {
             if let Some(pid) = child.id() {
                 // SAFETY: kill(2) with a negative pid signals the process group we made.
@@ -226,9 +231,17 @@ mod tests {
     #[tokio::test]
     async fn exec_outcomes() {
         let id = MsgId([1; 16]);
-        let o = run(id, &exec_of(&["sh", "-c", "echo $OUTPOST_T; echo e >&2"]), L).await;
+        let o = run(
+            id,
+            &exec_of(&["sh", "-c", "echo $OUTPOST_T; echo e >&2"]),
+            L,
+        )
+        .await;
         assert_eq!(o.status, Status::Succeeded);
-        assert_eq!((o.stdout.as_slice(), o.stderr.as_slice()), (&b"v\n"[..], &b"e\n"[..]));
+        assert_eq!(
+            (o.stdout.as_slice(), o.stderr.as_slice()),
+            (&b"v\n"[..], &b"e\n"[..])
+        );
         assert_eq!(o.command, id);
 
         let o = run(id, &exec_of(&["sh", "-c", "echo no; exit 3"]), L).await;
@@ -275,7 +288,10 @@ mod tests {
             path: "/nonexistent/x".into(),
             max_bytes: 0,
         });
-        assert!(matches!(run(id, &missing, L).await.status, Status::Failed(_)));
+        assert!(matches!(
+            run(id, &missing, L).await.status,
+            Status::Failed(_)
+        ));
     }
 
     #[test]

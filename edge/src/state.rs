@@ -79,7 +79,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -168,7 +168,9 @@ impl StateDir {
         let outbox = list(&self.root.join("outbox"))?;
         let mut in_outbox = std::collections::HashSet::new();
         for name in &outbox {
-            let Some((seq, id)) = parse_name(name) else { continue };
+            let Some((seq, id)) = parse_name(name) else {
+                continue;
+            };
             self.next_seq = self.next_seq.max(seq + 1);
             in_outbox.insert(id);
             let path = self.root.join("outbox").join(name);
@@ -182,7 +184,9 @@ impl StateDir {
         }
         for (sub, is_running) in [("running", true), ("queued", false)] {
             for name in list(&self.root.join(sub))? {
-                let Some((seq, id)) = parse_name(&name) else { continue };
+                let Some((seq, id)) = parse_name(&name) else {
+                    continue;
+                };
                 self.next_seq = self.next_seq.max(seq + 1);
                 let path = self.root.join(sub).join(&name);
                 if in_outbox.contains(&id) {
@@ -209,16 +213,14 @@ impl StateDir {
                     let outcome = Outcome {
                         command: id,
                         status: Status::Failed(
-                            "interrupted: the agent stopped while the command was running"
-                                .into(),
+                            "interrupted: the agent stopped while the command was running".into(),
                         ),
                         exit_code: None,
                         stdout: vec![],
                         stderr: vec![],
                         truncated: false,
                         started_at: started,
-                        duration_ms: now_ms().saturating_sub(started).min(u32::MAX as u64)
-                            as u32,
+                        duration_ms: now_ms().saturating_sub(started).min(u32::MAX as u64) as u32,
                     };
                     self.finish(&ticket, &outcome)?;
                     rec.interrupted.push(id);
@@ -483,7 +485,8 @@ mod tests {
             c.id = MsgId::new(i as u64);
             let t = s.accept(&c).unwrap();
             s.finish(&t, &outcome(c.id)).unwrap();
-            s.delivered(&dir.path().join("outbox").join(&t.name)).unwrap();
+            s.delivered(&dir.path().join("outbox").join(&t.name))
+                .unwrap();
         }
         assert!(s.seen.len() <= 50);
         let lines = fs::read_to_string(dir.path().join("journal"))

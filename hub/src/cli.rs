@@ -5,7 +5,9 @@ use anyhow::{Context, anyhow, bail};
 use async_nats::{Client, Request, RequestErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use outpost_wire::api::{ApiReply, CmdState, CommandRecord, NodeView, NodesRequest, SendRequest, ShowRequest};
+use outpost_wire::api::{
+    ApiReply, CmdState, CommandRecord, NodeView, NodesRequest, SendRequest, ShowRequest,
+};
 use outpost_wire::subject::Subjects;
 use outpost_wire::{MsgId, Status, decode, encode, now_ms};
 use serde::{Serialize, de::DeserializeOwned};
@@ -165,7 +167,11 @@ pub async fn nodes(client: &Client, subjects: &Subjects) -> anyhow::Result<Vec<N
     call(client, subjects, "nodes", &NodesRequest {}).await
 }
 
-pub async fn show(client: &Client, subjects: &Subjects, id: MsgId) -> anyhow::Result<CommandRecord> {
+pub async fn show(
+    client: &Client,
+    subjects: &Subjects,
+    id: MsgId,
+) -> anyhow::Result<CommandRecord> {
     call(client, subjects, "show", &ShowRequest { id }).await
 }
 
@@ -186,7 +192,17 @@ pub fn ago(ms: u64, now: u64) -> String {
 /// The `nodes` table.
 pub fn nodes_table(nodes: &[NodeView]) -> String {
     let now = now_ms();
-    let header = ["NAME", "STATE", "SINCE", "LAST SEEN", "ARCH", "VERSION", "KERNEL", "PENDING", "LABELS"];
+    let header = [
+        "NAME",
+        "STATE",
+        "SINCE",
+        "LAST SEEN",
+        "ARCH",
+        "VERSION",
+        "KERNEL",
+        "PENDING",
+        "LABELS",
+    ];
     let rows: Vec<[String; 9]> = nodes
         .iter()
         .map(|n| {
@@ -199,7 +215,11 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
                 n.agent_version.clone(),
                 n.kernel.clone(),
                 n.pending.to_string(),
-                n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                n.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
             ]
         })
         .collect();
@@ -235,10 +255,18 @@ pub fn record_text(rec: &CommandRecord) -> String {
         rec.id,
         rec.node,
         rec.method,
-        if rec.domain.is_empty() { "-" } else { &rec.domain },
+        if rec.domain.is_empty() {
+            "-"
+        } else {
+            &rec.domain
+        },
         rec.state.word(),
         ago(rec.issued_at, now),
-        if rec.deadline > now { format!("in {}s", (rec.deadline - now) / 1000) } else { "passed".into() },
+        if rec.deadline > now {
+            format!("in {}s", (rec.deadline - now) / 1000)
+        } else {
+            "passed".into()
+        },
         rec.attempts,
     );
     if !rec.note.is_empty() {
@@ -253,13 +281,19 @@ pub fn record_text(rec: &CommandRecord) -> String {
             o.truncated
         ));
         if !o.stdout.is_empty() {
-            s.push_str(&format!("--- stdout\n{}", String::from_utf8_lossy(&o.stdout)));
+            s.push_str(&format!(
+                "--- stdout\n{}",
+                String::from_utf8_lossy(&o.stdout)
+            ));
             if !o.stdout.ends_with(b"\n") {
                 s.push('\n');
             }
         }
         if !o.stderr.is_empty() {
-            s.push_str(&format!("--- stderr\n{}", String::from_utf8_lossy(&o.stderr)));
+            s.push_str(&format!(
+                "--- stderr\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
             if !o.stderr.ends_with(b"\n") {
                 s.push('\n');
             }
@@ -292,6 +326,8 @@ mod tests {
         let t = nodes_table(&[n]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("NAME"));
-        assert!(lines[1].contains("pi-1") && lines[1].contains("online") && lines[1].contains("site=a"));
+        assert!(
+            lines[1].contains("pi-1") && lines[1].contains("online") && lines[1].contains("site=a")
+        );
     }
 }

@@ -35,7 +35,11 @@ pub enum ConnError {
 
 impl NatsArgs {
     fn options(&self, name: &str) -> Result<ConnectOptions, ConnError> {
-        if !self.nats_url.split(',').all(|u| u.trim().starts_with("tls://")) {
+        if !self
+            .nats_url
+            .split(',')
+            .all(|u| u.trim().starts_with("tls://"))
+        {
             return Err(ConnError::NotTls(self.nats_url.clone()));
         }
         if !self.ca_file.is_file() {

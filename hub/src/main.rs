@@ -166,10 +166,17 @@ fn method_of(a: &SendArgs) -> anyhow::Result<Method> {
                         .with_context(|| format!("--env {kv:?}: write KEY=VALUE"))
                 })
                 .collect::<anyhow::Result<_>>()?;
-            Method::Exec(Exec { argv: a.args.clone(), env, cwd: a.cwd.clone() })
+            Method::Exec(Exec {
+                argv: a.args.clone(),
+                env,
+                cwd: a.cwd.clone(),
+            })
         }
         "file.write" => {
-            let src = a.data_file.as_ref().context("file.write needs --data-file FILE (or - for stdin)")?;
+            let src = a
+                .data_file
+                .as_ref()
+                .context("file.write needs --data-file FILE (or - for stdin)")?;
             let data = if src.as_os_str() == "-" {
                 let mut d = Vec::new();
                 std::io::stdin().read_to_end(&mut d)?;
@@ -180,10 +187,19 @@ fn method_of(a: &SendArgs) -> anyhow::Result<Method> {
             let mode = u32::from_str_radix(a.mode.trim_start_matches("0o"), 8)
                 .ok()
                 .filter(|m| *m <= 0o7777)
-                .with_context(|| format!("--mode {:?} is not an octal permission like 0644", a.mode))?;
-            Method::FileWrite(FileWrite { path: one_path()?, mode, data })
+                .with_context(|| {
+                    format!("--mode {:?} is not an octal permission like 0644", a.mode)
+                })?;
+            Method::FileWrite(FileWrite {
+                path: one_path()?,
+                mode,
+                data,
+            })
         }
-        "file.read" => Method::FileRead(FileRead { path: one_path()?, max_bytes: a.max_bytes }),
+        "file.read" => Method::FileRead(FileRead {
+            path: one_path()?,
+            max_bytes: a.max_bytes,
+        }),
         other => anyhow::bail!("unknown method {other:?}: use exec, ping, file.write or file.read"),
     })
 }
@@ -191,7 +207,11 @@ fn method_of(a: &SendArgs) -> anyhow::Result<Method> {
 /// `RUST_LOG` wins; otherwise the daemon logs at info and the CLI only warnings, so
 /// a command's output is not mixed with connection chatter.
 fn init_logging(daemon: bool) {
-    let default = if daemon { "info,async_nats=warn" } else { "warn,async_nats=error" };
+    let default = if daemon {
+        "info,async_nats=warn"
+    } else {
+        "warn,async_nats=error"
+    };
     let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -209,8 +229,10 @@ fn init_logging(daemon: bool) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -227,7 +249,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             let signing_key = outpost_wire::sign::SigningKey::from_pkcs8(&der)
                 .with_context(|| format!("signing key {}", a.signing_key.display()))?;
             outpost_wire::names::check_node(&a.name).context("--name")?;
-            let client = a.nats.connect_daemon(&format!("outpost-hub {}", a.name)).await?;
+            let client = a
+                .nats
+                .connect_daemon(&format!("outpost-hub {}", a.name))
+                .await?;
             let cfg = serve::ServeConfig {
                 name: a.name,
                 prefix: a.nats.prefix.clone(),
@@ -244,7 +269,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 to: a.to.clone(),
                 domain: a.domain.clone(),
                 method,
-                timeout_ms: a.timeout.map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32),
+                timeout_ms: a
+                    .timeout
+                    .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32),
                 ttl_ms: a.deadline.as_millis() as u64,
             };
             let client = a.nats.connect_once("outpost-hub send").await?;
@@ -279,12 +306,32 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Pki(PkiCmd::Init { dir, hosts, listen, force }) => {
-            pki::init(&pki::InitOptions { dir: dir.clone(), hosts, listen, force })?;
+        Cmd::Pki(PkiCmd::Init {
+            dir,
+            hosts,
+            listen,
+            force,
+        }) => {
+            pki::init(&pki::InitOptions {
+                dir: dir.clone(),
+                hosts,
+                listen,
+                force,
+            })?;
             println!("fleet PKI written to {}", dir.display());
-            println!("  start the broker:  nats-server -c {}", dir.join(pki::NATS_CONF).display());
-            println!("  hub signing key:   {}", dir.join(pki::SIGNING_KEY).display());
-            println!("  units pin:         {} and the key in {}", dir.join(pki::CA_CERT).display(), dir.join(pki::SIGNING_PUB).display());
+            println!(
+                "  start the broker:  nats-server -c {}",
+                dir.join(pki::NATS_CONF).display()
+            );
+            println!(
+                "  hub signing key:   {}",
+                dir.join(pki::SIGNING_KEY).display()
+            );
+            println!(
+                "  units pin:         {} and the key in {}",
+                dir.join(pki::CA_CERT).display(),
+                dir.join(pki::SIGNING_PUB).display()
+            );
             Ok(0)
         }
     }
@@ -293,7 +340,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(cli.cmd, Cmd::Serve(_)));
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outpost-hub: cannot start the runtime: {e}");

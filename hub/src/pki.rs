@@ -36,7 +36,9 @@ pub struct InitOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("{0} already exists: pass --force to replace the whole PKI (every unit must then get the new CA)")]
+    #[error(
+        "{0} already exists: pass --force to replace the whole PKI (every unit must then get the new CA)"
+    )]
     Exists(PathBuf),
     #[error("cannot write {path}: {source}")]
     Write {
@@ -98,9 +100,17 @@ pub fn init(opts: &InitOptions) -> Result<(), PkiError> {
     write_file(&dir.join(CA_CERT), ca.pem().as_bytes(), false)?;
     write_file(&dir.join(CA_KEY), ca_key_pem.as_bytes(), true)?;
     write_file(&dir.join(SERVER_CERT), srv.pem().as_bytes(), false)?;
-    write_file(&dir.join(SERVER_KEY), srv_key.serialize_pem().as_bytes(), true)?;
+    write_file(
+        &dir.join(SERVER_KEY),
+        srv_key.serialize_pem().as_bytes(),
+        true,
+    )?;
     write_file(&dir.join(SIGNING_KEY), &signing, true)?;
-    write_file(&dir.join(SIGNING_PUB), format!("{public}\n").as_bytes(), false)?;
+    write_file(
+        &dir.join(SIGNING_PUB),
+        format!("{public}\n").as_bytes(),
+        false,
+    )?;
     write_file(&dir.join(NATS_CONF), nats_conf(opts).as_bytes(), false)?;
     Ok(())
 }
@@ -140,13 +150,20 @@ mod tests {
             (SIGNING_KEY, true),
             (NATS_CONF, false),
         ] {
-            let mode = fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077 == 0, secret, "{f} mode {mode:o}");
         }
         let conf = fs::read_to_string(dir.path().join(NATS_CONF)).unwrap();
         assert!(conf.contains("tls {") && conf.contains("jetstream"));
         let e = init(&opts).unwrap_err();
         assert!(e.to_string().contains("--force"), "{e}");
-        init(&InitOptions { force: true, ..opts }).unwrap();
+        init(&InitOptions {
+            force: true,
+            ..opts
+        })
+        .unwrap();
     }
 }

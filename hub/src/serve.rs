@@ -15,8 +15,8 @@ use async_nats::{Client, Message, Request, RequestErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use outpost_wire::api::{
-    ApiReply, CmdState, CommandRecord, LastOutcome, NodeRecord, NodeView, SendRequest,
-    ShowRequest, StoredCommand,
+    ApiReply, CmdState, CommandRecord, LastOutcome, NodeRecord, NodeView, SendRequest, ShowRequest,
+    StoredCommand,
 };
 use outpost_wire::sign::SigningKey;
 use outpost_wire::subject::Subjects;
@@ -131,7 +131,12 @@ pub async fn serve(
 
     let slots = Arc::new(Semaphore::new(REPORT_CONCURRENCY));
     let tasks = [
-        tokio::spawn(report_loop(hub.clone(), results, slots.clone(), Kind::Result)),
+        tokio::spawn(report_loop(
+            hub.clone(),
+            results,
+            slots.clone(),
+            Kind::Result,
+        )),
         tokio::spawn(report_loop(hub.clone(), hellos, slots.clone(), Kind::Hello)),
         tokio::spawn(report_loop(hub.clone(), logs, slots.clone(), Kind::Log)),
         tokio::spawn(report_loop(hub.clone(), api, slots, Kind::Api)),
@@ -161,7 +166,9 @@ async fn report_loop(
     kind: Kind,
 ) {
     while let Some(msg) = sub.next().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let hub = hub.clone();
         tokio::spawn(async move {
             match kind {
@@ -267,7 +274,10 @@ impl Hub {
                 None => match self.store.get_command(id).await? {
                     Some(x) => {
                         if !x.0.record.state.is_final() {
-                            self.cache.lock().expect("cache lock").insert(*id, x.clone());
+                            self.cache
+                                .lock()
+                                .expect("cache lock")
+                                .insert(*id, x.clone());
                         }
                         x
                     }
@@ -295,7 +305,9 @@ impl Hub {
                 }
             }
         }
-        Err(StoreError::Kv(format!("command {id}: too many conflicting updates")))
+        Err(StoreError::Kv(format!(
+            "command {id}: too many conflicting updates"
+        )))
     }
 
     async fn publish_event(&self, r: &CommandRecord) {
@@ -320,7 +332,11 @@ impl Hub {
         let req = Request::new()
             .payload(Bytes::from(c.signed))
             .timeout(Some(self.ack_timeout));
-        let problem = match self.client.send_request(self.subjects.command(node), req).await {
+        let problem = match self
+            .client
+            .send_request(self.subjects.command(node), req)
+            .await
+        {
             Ok(msg) => match decode::<Ack>(&msg.payload) {
                 Ok(ack) if ack.command == id => return self.on_ack(node, ack).await,
                 Ok(ack) => format!("ack names another command ({})", ack.command),
@@ -419,7 +435,11 @@ impl Hub {
                 c.record.note = format!(
                     "deadline passed after {} delivery attempts; {}",
                     c.record.attempts,
-                    if c.record.note.is_empty() { "no answer" } else { &c.record.note }
+                    if c.record.note.is_empty() {
+                        "no answer"
+                    } else {
+                        &c.record.note
+                    }
                 );
                 true
             })
@@ -562,7 +582,9 @@ impl Hub {
     }
 
     fn on_log(&self, msg: Message) {
-        let Some(node) = self.subjects.node_of(&msg.subject) else { return };
+        let Some(node) = self.subjects.node_of(&msg.subject) else {
+            return;
+        };
         match decode::<Log>(&msg.payload) {
             Ok(l) => {
                 let cmd = l.command.map(|c| c.to_string()).unwrap_or_default();
@@ -577,7 +599,12 @@ impl Hub {
     }
 
     async fn on_api(self: &Arc<Self>, msg: Message) {
-        let call = msg.subject.rsplit('.').next().unwrap_or_default().to_string();
+        let call = msg
+            .subject
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let reply = match call.as_str() {
             "send" => respond(self.api_send(&msg.payload).await),
             "show" => respond(self.api_show(&msg.payload).await),
@@ -594,15 +621,23 @@ impl Hub {
         names::check_node(&req.to).map_err(|e| e.to_string())?;
         names::check_domain(&req.domain).map_err(|e| e.to_string())?;
         if req.ttl_ms == 0 || req.ttl_ms > MAX_TTL_MS {
-            return Err(format!("deadline must be between 1 ms and {} days", MAX_TTL_MS / 86_400_000));
+            return Err(format!(
+                "deadline must be between 1 ms and {} days",
+                MAX_TTL_MS / 86_400_000
+            ));
         }
-        if let Method::Exec(e) = &req.method {
-            if e.argv.is_empty() {
-                return Err("exec needs a program: give it after --".into());
-            }
+        if let Method::Exec(e) = &req.method
+            && e.argv.is_empty()
+        {
+            return Err("exec needs a program: give it after --".into());
         }
         // Idempotent: a retried request with the same id returns the first one.
-        if let Some((c, _)) = self.store.get_command(&req.id).await.map_err(|e| e.to_string())? {
+        if let Some((c, _)) = self
+            .store
+            .get_command(&req.id)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             return Ok(c.record);
         }
         let now = now_ms();
@@ -639,8 +674,16 @@ impl Hub {
             note: String::new(),
             outcome: None,
         };
-        let stored = StoredCommand { record: record.clone(), signed };
-        match self.store.create_command(&stored).await.map_err(|e| e.to_string())? {
+        let stored = StoredCommand {
+            record: record.clone(),
+            signed,
+        };
+        match self
+            .store
+            .create_command(&stored)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             Some(rev) => {
                 self.cache
                     .lock()
@@ -651,7 +694,12 @@ impl Hub {
                 self.enqueue(&cmd.to, cmd.id).await;
                 Ok(record)
             }
-            None => match self.store.get_command(&req.id).await.map_err(|e| e.to_string())? {
+            None => match self
+                .store
+                .get_command(&req.id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 Some((c, _)) => Ok(c.record),
                 None => Err(format!("command {} vanished while being created", req.id)),
             },
@@ -684,7 +732,11 @@ impl Hub {
                 NodeView {
                     name: n.name.clone(),
                     online,
-                    since: if online { n.online_since } else { n.last_seen + grace_ms(n) },
+                    since: if online {
+                        n.online_since
+                    } else {
+                        n.last_seen + grace_ms(n)
+                    },
                     last_seen: n.last_seen,
                     arch: n.hello.arch.clone(),
                     os: n.hello.os.clone(),
@@ -737,7 +789,8 @@ async fn node_loop(hub: Arc<Hub>, node: String, mut rx: mpsc::Receiver<NodeMsg>)
     let mut queue: BTreeSet<MsgId> = BTreeSet::new();
     let mut backoff = BACKOFF_MIN;
     let mut next_try = Instant::now();
-    let apply = |m: NodeMsg, q: &mut BTreeSet<MsgId>, next: &mut Instant, b: &mut Duration| match m {
+    let apply = |m: NodeMsg, q: &mut BTreeSet<MsgId>, next: &mut Instant, b: &mut Duration| match m
+    {
         NodeMsg::Enqueue(id) => {
             q.insert(id);
         }

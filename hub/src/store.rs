@@ -81,7 +81,12 @@ impl Store {
         Ok(Store {
             commands: bucket(js, format!("{prefix}-commands"), "outpost commands").await?,
             nodes: bucket(js, format!("{prefix}-nodes"), "outpost units").await?,
-            last: bucket(js, format!("{prefix}-last"), "outpost last outcome per (node, method, domain)").await?,
+            last: bucket(
+                js,
+                format!("{prefix}-last"),
+                "outpost last outcome per (node, method, domain)",
+            )
+            .await?,
         })
     }
 
@@ -98,7 +103,10 @@ impl Store {
         }
     }
 
-    pub async fn get_command(&self, id: &MsgId) -> Result<Option<(StoredCommand, u64)>, StoreError> {
+    pub async fn get_command(
+        &self,
+        id: &MsgId,
+    ) -> Result<Option<(StoredCommand, u64)>, StoreError> {
         let k = key(id);
         let Some(entry) = self.commands.entry(k.clone()).await.map_err(kv_err)? else {
             return Ok(None);
@@ -114,7 +122,11 @@ impl Store {
         Ok(Some((c, entry.revision)))
     }
 
-    pub async fn update_command(&self, c: &StoredCommand, revision: u64) -> Result<Cas, StoreError> {
+    pub async fn update_command(
+        &self,
+        c: &StoredCommand,
+        revision: u64,
+    ) -> Result<Cas, StoreError> {
         match self
             .commands
             .update(key(&c.record.id), Bytes::from(encode(c)), revision)

@@ -48,15 +48,36 @@ macro_rules! scenario {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_through_the_cli() {
     scenario!(f, {
-        f.start_agent("pi-1", &AgentOpts { labels: vec!["site=lab".into()], ..Default::default() })
-            .await?;
-        let o = f.cli(&["send", "--to", "pi-1", "--", "sh", "-c", "echo hello from $0", "pi"]);
+        f.start_agent(
+            "pi-1",
+            &AgentOpts {
+                labels: vec!["site=lab".into()],
+                ..Default::default()
+            },
+        )
+        .await?;
+        let o = f.cli(&[
+            "send",
+            "--to",
+            "pi-1",
+            "--",
+            "sh",
+            "-c",
+            "echo hello from $0",
+            "pi",
+        ]);
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         assert_eq!(stdout(&o), "hello from pi\n");
-        assert!(stderr(&o).contains("exec succeeded on pi-1"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("exec succeeded on pi-1"),
+            "{}",
+            stderr(&o)
+        );
 
         // --json gives the whole record, output as text.
-        let o = f.cli(&["send", "--json", "--to", "pi-1", "--domain", "nginx", "--", "echo", "x"]);
+        let o = f.cli(&[
+            "send", "--json", "--to", "pi-1", "--domain", "nginx", "--", "echo", "x",
+        ]);
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
         assert_eq!(v["state"], "succeeded");
         assert_eq!(v["domain"], "nginx");
@@ -70,8 +91,16 @@ async fn round_trip_through_the_cli() {
         // The nodes table knows the unit.
         let o = f.cli(&["nodes"]);
         let table = stdout(&o);
-        let row = table.lines().find(|l| l.starts_with("pi-1")).expect("pi-1 row");
-        assert!(row.contains("online") && row.contains(std::env::consts::ARCH) && row.contains("site=lab"), "{table}");
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("pi-1"))
+            .expect("pi-1 row");
+        assert!(
+            row.contains("online")
+                && row.contains(std::env::consts::ARCH)
+                && row.contains("site=lab"),
+            "{table}"
+        );
         let o = f.cli(&["nodes", "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
         assert_eq!(v[0]["agent_version"], env!("CARGO_PKG_VERSION"));
@@ -83,12 +112,37 @@ async fn round_trip_through_the_cli() {
 async fn failing_and_timed_out_commands() {
     scenario!(f, {
         f.start_agent("pi-1", &AgentOpts::default()).await?;
-        let o = f.cli(&["send", "--to", "pi-1", "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
-        assert_eq!(o.status.code(), Some(3), "the unit's exit code passes through");
+        let o = f.cli(&[
+            "send",
+            "--to",
+            "pi-1",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(3),
+            "the unit's exit code passes through"
+        );
         assert_eq!(stdout(&o), "out\n");
-        assert!(stderr(&o).contains("err\n") && stderr(&o).contains("exit code 3"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("err\n") && stderr(&o).contains("exit code 3"),
+            "{}",
+            stderr(&o)
+        );
 
-        let o = f.cli(&["send", "--to", "pi-1", "--timeout", "300ms", "--", "sleep", "30"]);
+        let o = f.cli(&[
+            "send",
+            "--to",
+            "pi-1",
+            "--timeout",
+            "300ms",
+            "--",
+            "sleep",
+            "30",
+        ]);
         assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
         assert!(stderr(&o).contains("timed-out"), "{}", stderr(&o));
 
@@ -104,9 +158,17 @@ async fn bad_input_gets_clear_errors() {
     scenario!(f, {
         let o = f.cli(&["send", "--to", "pi-1", "--method", "reboot"]);
         assert_eq!(o.status.code(), Some(255));
-        assert!(stderr(&o).contains("unknown method \"reboot\""), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("unknown method \"reboot\""),
+            "{}",
+            stderr(&o)
+        );
         let o = f.cli(&["send", "--to", "pi-1"]);
-        assert!(stderr(&o).contains("exec needs a program"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("exec needs a program"),
+            "{}",
+            stderr(&o)
+        );
         let o = f.cli(&["send", "--to", "a.b", "--", "true"]);
         assert!(stderr(&o).contains("invalid node name"), "{}", stderr(&o));
         let o = f.cli(&["show", "nothex"]);
@@ -139,13 +201,24 @@ async fn file_write_then_read() {
         let id = f
             .send(
                 "pi-1",
-                Method::FileWrite(FileWrite { path: path.clone(), mode: 0o640, data: b"welcome\n".to_vec() }),
+                Method::FileWrite(FileWrite {
+                    path: path.clone(),
+                    mode: 0o640,
+                    data: b"welcome\n".to_vec(),
+                }),
                 T,
                 0,
             )
             .await?;
         assert_eq!(f.wait_final(id, T).await?.state, CmdState::Succeeded);
-        let id = f.send("pi-1", Method::FileRead(FileRead { path, max_bytes: 0 }), T, 0).await?;
+        let id = f
+            .send(
+                "pi-1",
+                Method::FileRead(FileRead { path, max_bytes: 0 }),
+                T,
+                0,
+            )
+            .await?;
         let r = f.wait_final(id, T).await?;
         assert_eq!(r.outcome.unwrap().stdout, b"welcome\n");
         Ok(())
@@ -168,12 +241,22 @@ async fn offline_unit_gets_its_command_when_it_starts() {
         assert_eq!(sent.state, CmdState::Sent);
         assert!(sent.note.contains("no responders"), "{}", sent.note);
         let pending = f.nodes().await?;
-        assert_eq!(pending.iter().find(|n| n.name == "pi-late").map(|n| n.pending), Some(1));
+        assert_eq!(
+            pending
+                .iter()
+                .find(|n| n.name == "pi-late")
+                .map(|n| n.pending),
+            Some(1)
+        );
 
         f.start_agent("pi-late", &AgentOpts::default()).await?;
         let r = f.wait_final(id, T).await?;
         assert_eq!(r.state, CmdState::Succeeded);
-        assert_eq!(std::fs::read_to_string(&effect)?, "once\n", "ran exactly once");
+        assert_eq!(
+            std::fs::read_to_string(&effect)?,
+            "once\n",
+            "ran exactly once"
+        );
         Ok(())
     });
 }
@@ -205,7 +288,9 @@ async fn garbage_and_forged_commands_are_rejected_and_the_agent_keeps_serving() 
         let subject = f.subjects.command("pi-1");
 
         for garbage in [&b""[..], b"\x01", b"\xff\xfe garbage", &[0u8; 200][..]] {
-            let reply = c.request(subject.clone(), Bytes::copy_from_slice(garbage)).await?;
+            let reply = c
+                .request(subject.clone(), Bytes::copy_from_slice(garbage))
+                .await?;
             let ack: Ack = decode(&reply.payload)?;
             assert!(
                 matches!(&ack.kind, AckKind::Rejected(r) if r.code == RejectCode::BadSignature || r.code == RejectCode::Malformed),
@@ -226,12 +311,21 @@ async fn garbage_and_forged_commands_are_rejected_and_the_agent_keeps_serving() 
             deadline: now_ms() + 60_000,
             domain: String::new(),
             timeout_ms: 0,
-            method: Method::Exec(Exec { argv: append_argv(&effect, "x"), env: vec![], cwd: None }),
+            method: Method::Exec(Exec {
+                argv: append_argv(&effect, "x"),
+                env: vec![],
+                cwd: None,
+            }),
         };
-        let reply = c.request(subject.clone(), Bytes::from(forger.sign(&cmd))).await?;
+        let reply = c
+            .request(subject.clone(), Bytes::from(forger.sign(&cmd)))
+            .await?;
         let ack: Ack = decode(&reply.payload)?;
         assert_eq!(ack.command, cmd.id);
-        assert!(matches!(&ack.kind, AckKind::Rejected(r) if r.code == RejectCode::BadSignature), "{ack:?}");
+        assert!(
+            matches!(&ack.kind, AckKind::Rejected(r) if r.code == RejectCode::BadSignature),
+            "{ack:?}"
+        );
 
         // Still serving.
         let id = f.exec("pi-1", &["true"]).await?;
@@ -244,14 +338,25 @@ async fn garbage_and_forged_commands_are_rejected_and_the_agent_keeps_serving() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_list_and_bad_arguments_are_rejected() {
     scenario!(f, {
-        let opts = AgentOpts { config: "allow = [\"ping\", \"file.read\"]\n".into(), ..Default::default() };
+        let opts = AgentOpts {
+            config: "allow = [\"ping\", \"file.read\"]\n".into(),
+            ..Default::default()
+        };
         f.start_agent("pi-1", &opts).await?;
         let id = f.exec("pi-1", &["true"]).await?;
         let r = f.wait_final(id, T).await?;
         assert_eq!(r.state, CmdState::Rejected);
         assert!(r.note.contains("NotAllowed"), "{}", r.note);
         let id = f
-            .send("pi-1", Method::FileRead(FileRead { path: "relative/path".into(), max_bytes: 0 }), T, 0)
+            .send(
+                "pi-1",
+                Method::FileRead(FileRead {
+                    path: "relative/path".into(),
+                    max_bytes: 0,
+                }),
+                T,
+                0,
+            )
             .await?;
         let r = f.wait_final(id, T).await?;
         assert_eq!(r.state, CmdState::Rejected);
@@ -267,7 +372,11 @@ async fn expired_command_never_runs() {
     scenario!(f, {
         let effect = f.work_dir("pi-1").join("late");
         let argv = append_argv(&effect, "late");
-        let m = Method::Exec(Exec { argv, env: vec![], cwd: None });
+        let m = Method::Exec(Exec {
+            argv,
+            env: vec![],
+            cwd: None,
+        });
         let id = f.send("pi-1", m, Duration::from_secs(2), 0).await?;
         let r = f.wait_final(id, T).await?;
         assert_eq!(r.state, CmdState::Expired);
@@ -286,15 +395,31 @@ async fn expired_command_never_runs() {
 async fn agent_config_errors_are_clear() {
     let edge = outpost_tests::bin("outpost-edge");
     let o = std::process::Command::new(&edge)
-        .args(["run", "--node", "pi-1", "--nats-url", "tls://x:1", "--ca-file", "/nonexistent/ca.pem"])
+        .args([
+            "run",
+            "--node",
+            "pi-1",
+            "--nats-url",
+            "tls://x:1",
+            "--ca-file",
+            "/nonexistent/ca.pem",
+        ])
         .args(["--hub-key", &"ab".repeat(32)])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("ca_file /nonexistent/ca.pem does not exist"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("ca_file /nonexistent/ca.pem does not exist"),
+        "{}",
+        stderr(&o)
+    );
     let o = std::process::Command::new(&edge)
         .args(["run", "--config", "/nonexistent/edge.toml"])
         .output()
         .unwrap();
-    assert!(stderr(&o).contains("cannot read config file /nonexistent/edge.toml"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot read config file /nonexistent/edge.toml"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -98,7 +98,8 @@ impl std::str::FromStr for PublicKey {
         }
         let mut k = [0u8; 32];
         for (i, b) in k.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| KeyError::BadPublicKey)?;
+            *b =
+                u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| KeyError::BadPublicKey)?;
         }
         Ok(PublicKey(k))
     }
@@ -153,14 +154,20 @@ mod tests {
         for i in 0..signed.len() {
             let mut bad = signed.clone();
             bad[i] ^= 0x01;
-            assert!(key.public().verify(&bad).is_err(), "flip at byte {i} accepted");
+            assert!(
+                key.public().verify(&bad).is_err(),
+                "flip at byte {i} accepted"
+            );
         }
         let other = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
         assert!(matches!(
             other.public().verify(&signed),
             Err(VerifyError::BadSignature)
         ));
-        assert!(matches!(key.public().verify(&[1; 10]), Err(VerifyError::Short)));
+        assert!(matches!(
+            key.public().verify(&[1; 10]),
+            Err(VerifyError::Short)
+        ));
         assert_eq!(peek_unverified(&signed).unwrap().id, MsgId([7; 16]));
     }
 

