@@ -107,16 +107,9 @@ pub fn tour(keep: bool) -> Result<()> {
     let motd = dir.join("motd.txt");
     std::fs::write(&motd, "welcome aboard\n")?;
     let target = dir.join("units/ship-7-motd").display().to_string();
-    run(&mut op(&[
-        "send",
-        "--to",
-        "ship-7",
-        "--method",
-        "file.write",
-        "--data-file",
-    ])
-    .arg(&motd)
-    .args(["--", &target]))?;
+    let mut write = op(&["send", "--to", "ship-7", "--method", "file.write"]);
+    write.arg("--data-file").arg(&motd).args(["--", &target]);
+    run(&mut write)?;
     run(&mut op(&[
         "send",
         "--to",
