@@ -57,7 +57,8 @@ pub struct ServeConfig {
 }
 
 enum NodeMsg {
-    Enqueue(MsgId),
+    /// A command to deliver, keyed by (hub acceptance time, id).
+    Enqueue(u64, MsgId),
     /// The unit said hello: deliver now.
     Kick,
 }
@@ -217,17 +218,17 @@ impl Hub {
             }
             open += 1;
             if matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
-                to_deliver.push((c.record.node.clone(), c.record.id));
+                to_deliver.push((c.record.node.clone(), c.record.issued_at, c.record.id));
             }
             self.cache
                 .lock()
                 .expect("cache lock")
                 .insert(c.record.id, (c, rev));
         }
-        to_deliver.sort_by_key(|(_, id)| *id);
+        to_deliver.sort_by_key(|(_, at, id)| (*at, *id));
         let n_deliver = to_deliver.len();
-        for (node, id) in to_deliver {
-            self.enqueue(&node, id).await;
+        for (node, at, id) in to_deliver {
+            self.enqueue(&node, at, id).await;
         }
         info!(
             units = n_nodes,
@@ -250,8 +251,8 @@ impl Hub {
             .clone()
     }
 
-    async fn enqueue(self: &Arc<Self>, node: &str, id: MsgId) {
-        let _ = self.queue(node).send(NodeMsg::Enqueue(id)).await;
+    async fn enqueue(self: &Arc<Self>, node: &str, issued_at: u64, id: MsgId) {
+        let _ = self.queue(node).send(NodeMsg::Enqueue(issued_at, id)).await;
     }
 
     fn kick(&self, node: &str) {
@@ -691,7 +692,7 @@ impl Hub {
                     .insert(cmd.id, (stored, rev));
                 info!(node = %cmd.to, command = %cmd.id, method = %record.method, domain = %record.domain, "command queued");
                 self.publish_event(&record).await;
-                self.enqueue(&cmd.to, cmd.id).await;
+                self.enqueue(&cmd.to, now, cmd.id).await;
                 Ok(record)
             }
             None => match self
@@ -783,16 +784,19 @@ enum Delivery {
     Retry,
 }
 
-/// One task per unit: delivers its commands one at a time, in id (= issue) order, so
-/// commands to one unit are accepted — and started — in the order the hub issued them.
+/// One task per unit: delivers its commands one at a time, in the order the hub
+/// accepted them (acceptance time, then id), so commands to one unit are accepted —
+/// and started — in that order (ADR 0003).
 async fn node_loop(hub: Arc<Hub>, node: String, mut rx: mpsc::Receiver<NodeMsg>) {
-    let mut queue: BTreeSet<MsgId> = BTreeSet::new();
+    let mut queue: BTreeSet<(u64, MsgId)> = BTreeSet::new();
     let mut backoff = BACKOFF_MIN;
     let mut next_try = Instant::now();
-    let apply = |m: NodeMsg, q: &mut BTreeSet<MsgId>, next: &mut Instant, b: &mut Duration| match m
-    {
-        NodeMsg::Enqueue(id) => {
-            q.insert(id);
+    let apply = |m: NodeMsg,
+                 q: &mut BTreeSet<(u64, MsgId)>,
+                 next: &mut Instant,
+                 b: &mut Duration| match m {
+        NodeMsg::Enqueue(at, id) => {
+            q.insert((at, id));
         }
         NodeMsg::Kick => {
             *next = Instant::now();
@@ -806,19 +810,19 @@ async fn node_loop(hub: Arc<Hub>, node: String, mut rx: mpsc::Receiver<NodeMsg>)
         // Drop what is no longer waiting; expire what is past its deadline.
         let now = now_ms();
         let mut earliest = u64::MAX;
-        for id in queue.clone() {
+        for key @ (_, id) in queue.clone() {
             match hub.deadline_of(&id) {
                 None => {
-                    queue.remove(&id);
+                    queue.remove(&key);
                 }
                 Some(d) if now > d => {
                     hub.expire(&id).await;
-                    queue.remove(&id);
+                    queue.remove(&key);
                 }
                 Some(d) => earliest = earliest.min(d),
             }
         }
-        let Some(&front) = queue.first() else {
+        let Some(&front @ (_, front_id)) = queue.first() else {
             match rx.recv().await {
                 Some(m) => apply(m, &mut queue, &mut next_try, &mut backoff),
                 None => return,
@@ -837,7 +841,7 @@ async fn node_loop(hub: Arc<Hub>, node: String, mut rx: mpsc::Receiver<NodeMsg>)
             }
             continue;
         }
-        match hub.deliver(&node, front).await {
+        match hub.deliver(&node, front_id).await {
             Delivery::Done => {
                 queue.remove(&front);
                 backoff = BACKOFF_MIN;

@@ -1,12 +1,15 @@
-//! 128-bit message ids: time-ordered (48-bit milliseconds, then 80 random bits).
+//! 128-bit message ids: 48-bit milliseconds, a 16-bit per-process sequence, 64
+//! random bits (the layout of UUIDv7 with a counter).
 //!
-//! Ordered ids make "the order the hub accepted commands" visible in the id itself and
-//! keep KV listings roughly chronological.
+//! Ids made by one process are strictly increasing, even within one millisecond or
+//! when the clock steps back, so a sequence of commands from one operator sorts in the
+//! order it was made; ids from different processes are unique by their random bits.
 
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Mutex;
 
 /// A unique message id; commands are known everywhere by theirs.
 /// On the wire (postcard) it is 16 raw bytes; in JSON it is 32 hex digits.
@@ -14,13 +17,26 @@ use std::str::FromStr;
 pub struct MsgId(pub [u8; 16]);
 
 impl MsgId {
-    /// A new id stamped with `now_ms`.
+    /// A new id stamped with `now_ms` (or later, to stay above this process's last id).
     pub fn new(now_ms: u64) -> Self {
+        static LAST: Mutex<(u64, u16)> = Mutex::new((0, 0));
+        let (ms, seq) = {
+            let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+            *last = if now_ms > last.0 {
+                (now_ms, 0)
+            } else if last.1 == u16::MAX {
+                (last.0 + 1, 0)
+            } else {
+                (last.0, last.1 + 1)
+            };
+            *last
+        };
         let mut b = [0u8; 16];
-        b[..6].copy_from_slice(&now_ms.to_be_bytes()[2..]);
-        // SystemRandom only fails when the OS has no entropy source at all; a zeroed
-        // tail still leaves the id unique per millisecond per process in practice.
-        let _ = SystemRandom::new().fill(&mut b[6..]);
+        b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        b[6..8].copy_from_slice(&seq.to_be_bytes());
+        // SystemRandom only fails when the OS has no entropy source at all; the
+        // sequence still keeps this process's ids unique then.
+        let _ = SystemRandom::new().fill(&mut b[8..]);
         MsgId(b)
     }
 
@@ -93,13 +109,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_time_ordered_and_unique() {
+    fn ids_are_time_ordered_unique_and_monotonic() {
         let a = MsgId::new(1_700_000_000_000);
         let b = MsgId::new(1_700_000_000_001);
         let c = MsgId::new(1_700_000_000_001);
-        assert!(a < b && a < c);
-        assert_ne!(b, c);
+        let d = MsgId::new(1_600_000_000_000); // clock stepped back
+        assert!(a < b && b < c && c < d);
         assert_eq!(a.millis(), 1_700_000_000_000);
+        let many: Vec<MsgId> = (0..70_000).map(|_| MsgId::new(5)).collect();
+        assert!(many.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

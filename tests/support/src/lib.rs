@@ -234,7 +234,15 @@ impl Fleet {
     /// PKI, broker and hub, all ready.
     pub async fn start() -> Result<Fleet> {
         let hub = bin("outpost-hub");
-        let dir = tempfile::Builder::new().prefix("outpost-test-").tempdir()?;
+        // OUTPOST_KEEP_TEST_DIRS=1 keeps each fleet's logs and state for a post-mortem.
+        let keep = std::env::var_os("OUTPOST_KEEP_TEST_DIRS").is_some();
+        let dir = tempfile::Builder::new()
+            .prefix("outpost-test-")
+            .keep(keep)
+            .tempdir()?;
+        if keep {
+            eprintln!("fleet dir kept: {}", dir.path().display());
+        }
         let port = free_port();
         let st = Command::new(&hub)
             .args(["pki", "init", "--dir"])
