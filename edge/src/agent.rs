@@ -11,18 +11,15 @@
 //! ```
 
 use crate::config::Config;
+use crate::intake::{self, Decision};
 use crate::inventory;
 use crate::methods::{self, Limits};
 use crate::state::{StateDir, Ticket};
 use async_nats::{Client, ConnectOptions, Event};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use outpost_wire::sign::VerifyError;
 use outpost_wire::subject::Subjects;
-use outpost_wire::{
-    Ack, AckKind, Hello, Level, Log, MsgId, Receipt, RejectCode, Rejection, decode, encode, now_ms,
-    sign,
-};
+use outpost_wire::{Ack, AckKind, Hello, Level, Log, MsgId, Receipt, decode, encode, now_ms};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -69,10 +66,18 @@ fn jitter_ms(max: u64) -> u64 {
 }
 
 /// Connect options shared by every outpost-edge connection: TLS pinned to the fleet
-/// CA, reconnect forever, every connection event logged.
-fn connect_options(cfg: &Config, kick: Arc<(Notify, Notify)>) -> ConnectOptions {
-    ConnectOptions::new()
+/// CA, the unit's own nkey and reply inbox (the broker lets it read no other), reconnect
+/// forever, every connection event logged.
+fn connect_options(cfg: &Config, kick: Arc<(Notify, Notify)>) -> anyhow::Result<ConnectOptions> {
+    let mut opts = ConnectOptions::new();
+    if let Some(path) = &cfg.nkey_file {
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read nkey_file {}: {e}", path.display()))?;
+        opts = opts.nkey(seed.trim().to_string());
+    }
+    Ok(opts
         .name(format!("outpost-edge {}", cfg.node))
+        .custom_inbox_prefix(outpost_wire::subject::unit_inbox(&cfg.node))
         .add_root_certificates(cfg.ca_file.clone())
         .require_tls(true)
         .retry_on_initial_connect()
@@ -94,7 +99,7 @@ fn connect_options(cfg: &Config, kick: Arc<(Notify, Notify)>) -> ConnectOptions 
                     _ => warn!(event = %event, "nats event"),
                 }
             }
-        })
+        }))
 }
 
 /// Run the agent until `shutdown` resolves.
@@ -102,7 +107,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let subjects = Subjects::new(&cfg.prefix);
     let kicks = Arc::new((Notify::new(), Notify::new()));
     info!(node = %cfg.node, url = %cfg.nats_url, state_dir = %cfg.state_dir.display(), "starting outpost-edge");
-    let client = connect_options(&cfg, kicks.clone())
+    let client = connect_options(&cfg, kicks.clone())?
         .connect(cfg.nats_url.as_str())
         .await?;
 
@@ -193,72 +198,45 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     Ok(())
 }
 
-fn reject(command: MsgId, code: RejectCode, detail: String) -> Ack {
-    Ack {
-        command,
-        kind: AckKind::Rejected(Rejection { code, detail }),
-    }
-}
-
-/// Decide about one delivered command. Accepts only after the command is durably in
-/// the state dir and has a queue slot.
+/// Decide about one delivered command; accept only after it is durably in the state
+/// dir and has a queue slot.
 async fn handle(agent: &Agent, tx: &mpsc::Sender<Ticket>, payload: &[u8]) -> Ack {
     let node = &agent.cfg.node;
-    let cmd = match agent.cfg.hub_key.verify(payload) {
-        Ok(c) => c,
-        Err(e) => {
-            let id = sign::peek_unverified(payload)
-                .map(|c| c.id)
-                .unwrap_or(MsgId([0; 16]));
-            let code = match e {
-                VerifyError::Decode(_) => RejectCode::Malformed,
-                VerifyError::Short | VerifyError::BadSignature => RejectCode::BadSignature,
-            };
-            // A signature that verifies over bytes that do not decode is a hub bug;
-            // bytes that are too short or unsigned are garbage or an attack.
-            let detail = e.to_string();
-            warn!(command = %id, reason = %detail, bytes = payload.len(), "rejected command");
-            publish_log(
-                &agent.client,
-                &agent.subjects,
-                node,
-                Level::Warn,
-                format!("rejected a command: {detail}"),
-                Some(id),
-            )
-            .await;
-            return reject(id, code, detail);
+    let decision = {
+        let state = agent.state.lock().expect("state lock");
+        intake::decide(
+            payload,
+            node,
+            &agent.cfg.hub_key,
+            &agent.cfg.policy,
+            |id| state.lookup(id),
+            now_ms(),
+        )
+    };
+    let cmd = match decision {
+        Decision::Accept(cmd) => cmd,
+        Decision::Answer(ack) => {
+            match &ack.kind {
+                AckKind::Duplicate(_) => debug!(command = %ack.command, "duplicate delivery"),
+                AckKind::Rejected(r) => {
+                    warn!(command = %ack.command, code = ?r.code, reason = %r.detail, bytes = payload.len(), "rejected command");
+                    let msg = format!("rejected a command: {r}");
+                    publish_log(
+                        &agent.client,
+                        &agent.subjects,
+                        node,
+                        Level::Warn,
+                        msg,
+                        Some(ack.command),
+                    )
+                    .await;
+                }
+                _ => {}
+            }
+            return ack;
         }
     };
     let id = cmd.id;
-    if cmd.to != *node {
-        let detail = format!("addressed to {:?}, this is {node:?}", cmd.to);
-        warn!(command = %id, reason = %detail, "rejected command");
-        return reject(id, RejectCode::WrongNode, detail);
-    }
-    if let Some(recorded) = agent.state.lock().expect("state lock").lookup(&id) {
-        debug!(command = %id, "duplicate delivery");
-        return Ack {
-            command: id,
-            kind: AckKind::Duplicate(recorded),
-        };
-    }
-    let now = now_ms();
-    if now > cmd.deadline {
-        let detail = format!("deadline passed {} ms ago (unit clock)", now - cmd.deadline);
-        info!(command = %id, reason = %detail, "rejected command");
-        return reject(id, RejectCode::Expired, detail);
-    }
-    let method = cmd.method.name();
-    if !agent.cfg.allow.iter().any(|m| m == method) {
-        let detail = format!("method {method} is not in this unit's allow-list");
-        warn!(command = %id, reason = %detail, "rejected command");
-        return reject(id, RejectCode::NotAllowed, detail);
-    }
-    if let Err(detail) = methods::check_args(&cmd.method) {
-        info!(command = %id, reason = %detail, "rejected command");
-        return reject(id, RejectCode::BadArgs, detail);
-    }
     let Ok(slot) = tx.try_reserve() else {
         debug!(command = %id, "queue full: busy");
         return Ack {
@@ -269,7 +247,7 @@ async fn handle(agent: &Agent, tx: &mpsc::Sender<Ticket>, payload: &[u8]) -> Ack
     let accepted = agent.state.lock().expect("state lock").accept(&cmd);
     match accepted {
         Ok(ticket) => {
-            info!(command = %id, method, domain = %cmd.domain, "accepted command");
+            info!(command = %id, method = cmd.method.name(), domain = %cmd.domain, "accepted command");
             slot.send(ticket);
             Ack {
                 command: id,

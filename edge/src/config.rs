@@ -1,6 +1,7 @@
 //! The agent's configuration: flags and environment over a TOML file over defaults,
 //! validated into a [`Config`] before anything connects.
 
+use crate::policy::{AllowConfig, Policy, PolicyError};
 use outpost_wire::names;
 use outpost_wire::sign::PublicKey;
 use serde::Deserialize;
@@ -30,6 +31,7 @@ pub struct FileConfig {
     pub node: Option<String>,
     pub nats_url: Option<String>,
     pub ca_file: Option<PathBuf>,
+    pub nkey_file: Option<PathBuf>,
     pub hub_key: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub prefix: Option<String>,
@@ -40,7 +42,8 @@ pub struct FileConfig {
     pub default_timeout_ms: Option<u32>,
     pub queue: Option<u32>,
     pub concurrency: Option<u32>,
-    pub allow: Option<Vec<String>>,
+    #[serde(default)]
+    pub allow: AllowConfig,
 }
 
 /// What the agent runs with, all checked.
@@ -49,6 +52,9 @@ pub struct Config {
     pub node: String,
     pub nats_url: String,
     pub ca_file: PathBuf,
+    /// The unit's NATS nkey seed file (from `outpost-hub enroll`); the seed itself is
+    /// read at connect time and never kept in the config or logged.
+    pub nkey_file: Option<PathBuf>,
     pub hub_key: PublicKey,
     pub state_dir: PathBuf,
     pub prefix: String,
@@ -58,12 +64,9 @@ pub struct Config {
     pub default_timeout_ms: u32,
     pub queue: u32,
     pub concurrency: u32,
-    /// Methods this unit runs; nothing remote can widen it.
-    pub allow: Vec<String>,
+    /// What this unit runs; nothing remote can widen it.
+    pub policy: Policy,
 }
-
-/// Every method the agent knows.
-pub const BUILTIN_METHODS: &[&str] = &["ping", "exec", "file.write", "file.read"];
 
 /// A configuration problem, named precisely.
 #[derive(Debug, thiserror::Error)]
@@ -87,8 +90,12 @@ pub enum ConfigError {
     NotTls(String),
     #[error("ca_file {0} does not exist")]
     NoCa(PathBuf),
-    #[error("unknown method {0:?} in allow: known methods are {1}")]
-    UnknownMethod(String, String),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(
+        "nkey_file {0} does not exist (it comes with the unit's bundle from `outpost-hub enroll`)"
+    )]
+    NoNkey(PathBuf),
     #[error("{0} must be between {1} and {2}")]
     Range(&'static str, u32, u32),
 }
@@ -99,6 +106,7 @@ pub struct Overrides {
     pub node: Option<String>,
     pub nats_url: Option<String>,
     pub ca_file: Option<PathBuf>,
+    pub nkey_file: Option<PathBuf>,
     pub hub_key: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub prefix: Option<String>,
@@ -183,16 +191,12 @@ impl Config {
             labels.retain(|(key, _): &(String, String)| key != k);
             labels.push((k.to_string(), v.to_string()));
         }
-        let allow = f
-            .allow
-            .unwrap_or_else(|| BUILTIN_METHODS.iter().map(|m| m.to_string()).collect());
-        for m in &allow {
-            if !BUILTIN_METHODS.contains(&m.as_str()) {
-                return Err(ConfigError::UnknownMethod(
-                    m.clone(),
-                    BUILTIN_METHODS.join(", "),
-                ));
-            }
+        let policy = Policy::new(f.allow)?;
+        let nkey_file = o.nkey_file.or(f.nkey_file);
+        if let Some(n) = &nkey_file
+            && !n.is_file()
+        {
+            return Err(ConfigError::NoNkey(n.clone()));
         }
         let hello = o
             .hello_interval_s
@@ -202,6 +206,7 @@ impl Config {
             node,
             nats_url,
             ca_file,
+            nkey_file,
             hub_key,
             state_dir,
             prefix,
@@ -226,7 +231,7 @@ impl Config {
                 1,
                 256,
             )?,
-            allow,
+            policy,
         })
     }
 }

@@ -4,6 +4,8 @@
 
 pub mod agent;
 pub mod config;
+pub mod intake;
 pub mod inventory;
 pub mod methods;
+pub mod policy;
 pub mod state;

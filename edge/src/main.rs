@@ -35,6 +35,9 @@ struct RunArgs {
     /// The fleet CA certificate (PEM) that the NATS server's certificate must chain to.
     #[arg(long, env = "OUTPOST_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// This unit's NATS nkey seed file (from its `outpost-hub enroll` bundle).
+    #[arg(long, env = "OUTPOST_NKEY_FILE")]
+    nkey_file: Option<PathBuf>,
     /// The hub's command-signing public key (64 hex digits, from hub-signing.pub).
     #[arg(long, env = "OUTPOST_HUB_KEY")]
     hub_key: Option<String>,
@@ -62,6 +65,7 @@ fn build(a: RunArgs) -> Result<Config, config::ConfigError> {
             node: a.node,
             nats_url: a.nats_url,
             ca_file: a.ca_file,
+            nkey_file: a.nkey_file,
             hub_key: a.hub_key,
             state_dir: a.state_dir,
             prefix: a.prefix,

@@ -14,6 +14,10 @@ pub struct NatsArgs {
     /// The fleet CA certificate (PEM), as made by `outpost-hub pki init`.
     #[arg(long, env = "OUTPOST_CA_FILE")]
     pub ca_file: PathBuf,
+    /// This client's NATS nkey seed file: `hub.nk` for `serve`, `operator.nk` for the
+    /// operator commands (both made by `pki init`).
+    #[arg(long, env = "OUTPOST_NKEY_FILE")]
+    pub nkey_file: Option<PathBuf>,
     /// Subject prefix shared by hub and units.
     #[arg(long, env = "OUTPOST_PREFIX", default_value = outpost_wire::subject::DEFAULT_PREFIX)]
     pub prefix: String,
@@ -26,11 +30,29 @@ pub enum ConnError {
     NotTls(String),
     #[error("CA file {0} does not exist (make one with `outpost-hub pki init`)")]
     NoCa(PathBuf),
-    #[error("cannot reach NATS at {url}: {source}")]
+    #[error("cannot reach NATS at {url}: {source}{hint}")]
     Connect {
         url: String,
         source: async_nats::ConnectError,
+        hint: &'static str,
     },
+    #[error("cannot read nkey file {path}: {source}")]
+    Nkey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn hint(e: &async_nats::ConnectError, has_key: bool) -> &'static str {
+    match e.kind() {
+        async_nats::ConnectErrorKind::AuthorizationViolation if !has_key => {
+            " (the broker wants an identity: pass --nkey-file, e.g. the operator.nk that `pki init` made)"
+        }
+        async_nats::ConnectErrorKind::AuthorizationViolation => {
+            " (this nkey is not allowed: enrolled and not revoked?)"
+        }
+        _ => "",
+    }
 }
 
 impl NatsArgs {
@@ -45,7 +67,15 @@ impl NatsArgs {
         if !self.ca_file.is_file() {
             return Err(ConnError::NoCa(self.ca_file.clone()));
         }
-        Ok(ConnectOptions::new()
+        let mut opts = ConnectOptions::new();
+        if let Some(path) = &self.nkey_file {
+            let seed = std::fs::read_to_string(path).map_err(|source| ConnError::Nkey {
+                path: path.clone(),
+                source,
+            })?;
+            opts = opts.nkey(seed.trim().to_string());
+        }
+        Ok(opts
             .name(name)
             .add_root_certificates(self.ca_file.clone())
             .require_tls(true)
@@ -59,6 +89,7 @@ impl NatsArgs {
             .await
             .map_err(|source| ConnError::Connect {
                 url: self.nats_url.clone(),
+                hint: hint(&source, self.nkey_file.is_some()),
                 source,
             })
     }
@@ -66,6 +97,7 @@ impl NatsArgs {
     /// The daemon's connection: waits for the broker and reconnects forever.
     pub async fn connect_daemon(&self, name: &str) -> Result<Client, ConnError> {
         self.options(name)?
+            .custom_inbox_prefix(outpost_wire::subject::HUB_INBOX)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|n| Duration::from_millis((100u64 << n.min(6)).min(5000)))
@@ -79,6 +111,7 @@ impl NatsArgs {
             .await
             .map_err(|source| ConnError::Connect {
                 url: self.nats_url.clone(),
+                hint: hint(&source, self.nkey_file.is_some()),
                 source,
             })
     }

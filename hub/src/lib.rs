@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod conn;
+pub mod enroll;
 pub mod pki;
 pub mod serve;
 pub mod store;

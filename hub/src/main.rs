@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost_hub::cli::{self, exit};
 use outpost_hub::conn::NatsArgs;
-use outpost_hub::{pki, serve};
+use outpost_hub::{enroll, pki, serve};
 use outpost_wire::api::SendRequest;
 use outpost_wire::subject::Subjects;
 use outpost_wire::{Exec, FileRead, FileWrite, Method, MsgId, now_ms};
@@ -50,6 +50,53 @@ enum Cmd {
     /// Fleet PKI: CA, NATS server certificate, command-signing key, nats-server config.
     #[command(subcommand)]
     Pki(PkiCmd),
+    /// Enrol a unit: its own NATS identity and permissions, and the bundle it needs
+    /// (edge.toml, ca.pem, node.nk). Reloads the broker.
+    Enroll(EnrollArgs),
+    /// Cut a unit off the broker: its identity stops working at once. Reloads the broker.
+    Revoke {
+        /// The PKI directory (from `pki init`).
+        #[arg(long, env = "OUTPOST_PKI_DIR")]
+        pki: PathBuf,
+        node: String,
+        /// Only rewrite the broker's auth.conf; do not signal the broker.
+        #[arg(long)]
+        no_reload: bool,
+    },
+    /// List enrolled units.
+    Enrolled {
+        #[arg(long, env = "OUTPOST_PKI_DIR")]
+        pki: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct EnrollArgs {
+    /// The PKI directory (from `pki init`).
+    #[arg(long, env = "OUTPOST_PKI_DIR")]
+    pki: PathBuf,
+    /// The unit's name.
+    node: String,
+    /// A label key=value the unit reports; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Where to write the bundle [default: <pki>/bundles/<node>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where the bundle's files will be on the unit (paths inside edge.toml).
+    #[arg(long, default_value = "/etc/outpost")]
+    install_dir: PathBuf,
+    /// The broker URL as the unit reaches it.
+    #[arg(long, env = "OUTPOST_NATS_URL", default_value = "tls://127.0.0.1:4222")]
+    nats_url: String,
+    /// Replace an enrolled unit's key (the old key stops working).
+    #[arg(long)]
+    force: bool,
+    /// Only rewrite the broker's auth.conf; do not signal the broker.
+    #[arg(long)]
+    no_reload: bool,
 }
 
 const SEND_HELP: &str = "\
@@ -206,6 +253,19 @@ fn method_of(a: &SendArgs) -> anyhow::Result<Method> {
 
 /// `RUST_LOG` wins; otherwise the daemon logs at info and the CLI only warnings, so
 /// a command's output is not mixed with connection chatter.
+fn report_reload(pki: &std::path::Path, no_reload: bool) {
+    if no_reload {
+        println!("broker not signalled (--no-reload): reload it to apply auth.conf");
+    } else if enroll::reload_broker(pki) {
+        println!("broker reloaded");
+    } else {
+        println!(
+            "no running broker found for {}: auth.conf applies when it starts",
+            pki.display()
+        );
+    }
+}
+
 fn init_logging(daemon: bool) {
     let default = if daemon {
         "info,async_nats=warn"
@@ -332,6 +392,61 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 dir.join(pki::CA_CERT).display(),
                 dir.join(pki::SIGNING_PUB).display()
             );
+            println!(
+                "  hub identity:      --nkey-file {}",
+                dir.join(enroll::HUB_NKEY).display()
+            );
+            println!(
+                "  operator identity: --nkey-file {}",
+                dir.join(enroll::OPERATOR_NKEY).display()
+            );
+            println!(
+                "  enrol a unit:      outpost-hub enroll --pki {} NODE",
+                dir.display()
+            );
+            Ok(0)
+        }
+        Cmd::Enroll(a) => {
+            let out = a
+                .out
+                .clone()
+                .unwrap_or_else(|| a.pki.join("bundles").join(&a.node));
+            let unit = enroll::enroll(&enroll::EnrollOptions {
+                pki: a.pki.clone(),
+                node: a.node.clone(),
+                labels: a.labels,
+                out: out.clone(),
+                install_dir: a.install_dir,
+                nats_url: a.nats_url,
+                force: a.force,
+            })?;
+            println!("enrolled {} (nkey {})", a.node, unit.nkey);
+            println!(
+                "bundle for the unit: {} (edge.toml, ca.pem, node.nk)",
+                out.display()
+            );
+            report_reload(&a.pki, a.no_reload);
+            Ok(0)
+        }
+        Cmd::Revoke {
+            pki,
+            node,
+            no_reload,
+        } => {
+            enroll::revoke(&pki, &node)?;
+            println!("revoked {node}: its nkey is no longer in the broker's auth.conf");
+            report_reload(&pki, no_reload);
+            Ok(0)
+        }
+        Cmd::Enrolled { pki, json } => {
+            let units = enroll::Units::load(&pki)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&units.units)?);
+            } else {
+                for (name, u) in &units.units {
+                    println!("{name}\t{}\t{}", u.nkey, u.labels.join(","));
+                }
+            }
             Ok(0)
         }
     }

@@ -34,6 +34,9 @@ pub struct InitOptions {
     pub force: bool,
 }
 
+/// The subject prefix the broker permissions are written for.
+pub const DEFAULT_PREFIX: &str = outpost_wire::subject::DEFAULT_PREFIX;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error(
@@ -49,6 +52,8 @@ pub enum PkiError {
     Cert(#[from] rcgen::Error),
     #[error("{0}")]
     Key(#[from] outpost_wire::sign::KeyError),
+    #[error("{0}")]
+    Other(String),
 }
 
 /// Write a file; `secret` files are created 0600 from the start, never widened later.
@@ -111,6 +116,10 @@ pub fn init(opts: &InitOptions) -> Result<(), PkiError> {
         format!("{public}\n").as_bytes(),
         false,
     )?;
+    crate::enroll::init(dir, DEFAULT_PREFIX).map_err(|e| match e {
+        crate::enroll::EnrollError::Pki(p) => p,
+        other => PkiError::Other(other.to_string()),
+    })?;
     write_file(&dir.join(NATS_CONF), nats_conf(opts).as_bytes(), false)?;
     Ok(())
 }
@@ -119,9 +128,12 @@ fn nats_conf(opts: &InitOptions) -> String {
     let d = opts.dir.canonicalize().unwrap_or_else(|_| opts.dir.clone());
     let d = d.display();
     format!(
-        "# nats-server config made by `outpost-hub pki init`: TLS only, JetStream on.\n\
+        "# nats-server config made by `outpost-hub pki init`: TLS only, JetStream on,\n\
+         # every client authenticated by nkey with permissions from auth.conf.\n\
          listen: \"{listen}\"\n\
          max_payload: 1MB\n\
+         pid_file: \"{d}/nats-server.pid\"\n\
+         include \"auth.conf\"\n\
          tls {{\n  cert_file: \"{d}/{SERVER_CERT}\"\n  key_file: \"{d}/{SERVER_KEY}\"\n  ca_file: \"{d}/{CA_CERT}\"\n  timeout: 5\n}}\n\
          jetstream {{\n  store_dir: \"{d}/jetstream\"\n}}\n",
         listen = opts.listen

@@ -339,7 +339,7 @@ async fn garbage_and_forged_commands_are_rejected_and_the_agent_keeps_serving() 
 async fn allow_list_and_bad_arguments_are_rejected() {
     scenario!(f, {
         let opts = AgentOpts {
-            config: "allow = [\"ping\", \"file.read\"]\n".into(),
+            config: "[allow]\nmethods = [\"ping\", \"file.read\"]\nread = [\"/\"]\n".into(),
             ..Default::default()
         };
         f.start_agent("pi-1", &opts).await?;

@@ -423,7 +423,7 @@ async fn commands_start_in_issue_order_through_faults() {
         let proxy = Proxy::start(f.port).await?;
         let opts = AgentOpts {
             nats_url: Some(proxy.url()),
-            config: "concurrency = 1\n".into(),
+            config: format!("concurrency = 1\n{}", outpost_tests::ALLOW_ALL),
             ..Default::default()
         };
         f.start_agent("unit-a", &opts).await?;

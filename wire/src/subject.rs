@@ -2,6 +2,16 @@
 
 use crate::MsgId;
 
+/// The reply-inbox prefix of one unit's connection: the broker lets a unit subscribe
+/// to its own inbox only, so it can never read replies meant for others.
+pub fn unit_inbox(node: &str) -> String {
+    format!("_INBOX_{node}")
+}
+
+/// The reply-inbox prefix of the hub's own connection (units' ACKs come back there;
+/// operators cannot read it).
+pub const HUB_INBOX: &str = "_INBOX_hub";
+
 /// The default subject prefix.
 pub const DEFAULT_PREFIX: &str = "outpost";
 

@@ -180,13 +180,16 @@ pub struct AgentOpts {
     pub wrapper: Option<Vec<String>>,
 }
 
+/// The allow-list test agents run with unless a test says otherwise: everything.
+pub const ALLOW_ALL: &str = "[allow]\nmethods = [\"ping\", \"exec\", \"file.read\", \"file.write\"]\nexec = [\"...\"]\nread = [\"/\"]\nwrite = [\"/\"]\n";
+
 impl Default for AgentOpts {
     fn default() -> Self {
         AgentOpts {
             hello_interval_s: 1,
             labels: vec![],
             nats_url: None,
-            config: String::new(),
+            config: ALLOW_ALL.into(),
             wrapper: None,
         }
     }
@@ -202,6 +205,7 @@ pub struct Fleet {
     pub agents: HashMap<String, Proc>,
     client: Option<Client>,
     hub_restarts: u32,
+    enrolled: std::collections::HashSet<String>,
 }
 
 impl Fleet {
@@ -238,7 +242,7 @@ impl Fleet {
         let keep = std::env::var_os("OUTPOST_KEEP_TEST_DIRS").is_some();
         let dir = tempfile::Builder::new()
             .prefix("outpost-test-")
-            .keep(keep)
+            .disable_cleanup(keep)
             .tempdir()?;
         if keep {
             eprintln!("fleet dir kept: {}", dir.path().display());
@@ -260,6 +264,7 @@ impl Fleet {
             agents: HashMap::new(),
             client: None,
             hub_restarts: 0,
+            enrolled: Default::default(),
         };
         f.start_nats().await?;
         f.connect_client().await?;
@@ -299,6 +304,8 @@ impl Fleet {
             .arg(self.ca())
             .arg("--signing-key")
             .arg(self.pki().join("hub-signing.pk8"))
+            .arg("--nkey-file")
+            .arg(self.pki().join("hub.nk"))
             .args(["--name", "central", "--ack-timeout", "1s"])
             .env("RUST_LOG", "info,outpost_hub=debug,async_nats=warn");
         self.hub_restarts += 1;
@@ -323,7 +330,32 @@ impl Fleet {
         }
     }
 
-    pub fn agent_command(&self, node: &str, o: &AgentOpts) -> Result<Command> {
+    /// A unit's enrolment bundle (edge.toml, ca.pem, node.nk).
+    pub fn bundle(&self, node: &str) -> PathBuf {
+        self.pki().join("bundles").join(node)
+    }
+
+    /// Enrol a unit with the real `outpost-hub enroll` (which reloads the broker).
+    pub fn enroll(&mut self, node: &str) -> Result<()> {
+        let o = self.cli(&[
+            "enroll",
+            "--pki",
+            &self.pki().display().to_string(),
+            node,
+            "--install-dir",
+            &self.bundle(node).display().to_string(),
+        ]);
+        if !o.status.success() {
+            bail!("enroll {node}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        self.enrolled.insert(node.to_string());
+        Ok(())
+    }
+
+    pub fn agent_command(&mut self, node: &str, o: &AgentOpts) -> Result<Command> {
+        if !self.enrolled.contains(node) {
+            self.enroll(node)?;
+        }
         let cfg = self.dir.path().join(format!("{node}.toml"));
         std::fs::write(&cfg, &o.config)?;
         let mut cmd = match &o.wrapper {
@@ -344,6 +376,8 @@ impl Fleet {
             .args(["--hub-key", &self.hub_key()])
             .arg("--state-dir")
             .arg(self.state_dir(node))
+            .arg("--nkey-file")
+            .arg(self.bundle(node).join("node.nk"))
             .args(["--hello-interval", &o.hello_interval_s.to_string()])
             .env("RUST_LOG", "info,outpost_edge=debug,async_nats=warn");
         for l in &o.labels {
@@ -388,7 +422,8 @@ impl Fleet {
     }
 
     async fn connect_client(&mut self) -> Result<()> {
-        let c = async_nats::ConnectOptions::new()
+        let seed = std::fs::read_to_string(self.pki().join("hub.nk"))?;
+        let c = async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
             .add_root_certificates(self.ca())
             .require_tls(true)
             .retry_on_initial_connect()
@@ -495,6 +530,7 @@ impl Fleet {
             .args(args)
             .env("OUTPOST_NATS_URL", self.url())
             .env("OUTPOST_CA_FILE", self.ca())
+            .env("OUTPOST_NKEY_FILE", self.pki().join("operator.nk"))
             .env_remove("RUST_LOG")
             .output()
             .expect("run outpost-hub")

@@ -1,0 +1,61 @@
+//! The agent's command path without I/O: decode → verify → addressee → duplicate →
+//! deadline → arguments → allow-list. Half the inputs are taken as raw delivered
+//! bytes (the forger's view); the other half, when they decode as a command, are
+//! signed with the pinned key first, so the fuzzer also explores everything behind
+//! the signature check (the view of someone who stole the hub's key).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use outpost_edge::intake::{Decision, decide};
+use outpost_edge::policy::{AllowConfig, Policy};
+use outpost_wire::sign::SigningKey;
+use outpost_wire::{AckKind, Command, MsgId, Recorded, decode};
+use std::sync::OnceLock;
+
+// A key made once per fuzzing process; the target only needs it to be the pinned one.
+fn key() -> &'static SigningKey {
+    static K: OnceLock<SigningKey> = OnceLock::new();
+    K.get_or_init(|| {
+        let der = SigningKey::generate_pkcs8().expect("key");
+        SigningKey::from_pkcs8(&der).expect("key")
+    })
+}
+
+fn policy() -> &'static Policy {
+    static P: OnceLock<Policy> = OnceLock::new();
+    P.get_or_init(|| {
+        Policy::new(AllowConfig {
+            methods: vec!["ping".into(), "exec".into(), "file.read".into()],
+            exec: vec!["systemctl restart *".into(), "uname ...".into()],
+            read: vec!["/var/log/".into()],
+            write: vec![],
+        })
+        .expect("policy")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let seen = |id: &MsgId| (id.0[0] == 0xAA).then_some(Recorded::Pending);
+    let now = 1_800_000_000_000;
+    let payload = if mode & 1 == 1 {
+        match decode::<Command>(rest) {
+            Ok(cmd) => key().sign(&cmd),
+            Err(_) => return,
+        }
+    } else {
+        rest.to_vec()
+    };
+    match decide(&payload, "pi-17", &key().public(), policy(), seen, now) {
+        Decision::Accept(cmd) => {
+            // Anything accepted must be authentic, for this unit, in time and allowed.
+            assert_eq!(cmd.to, "pi-17");
+            assert!(cmd.deadline >= now);
+            assert!(policy().check(&cmd.method).is_ok());
+            assert!(key().public().verify(&payload).is_ok());
+        }
+        Decision::Answer(ack) => {
+            assert!(!matches!(ack.kind, AckKind::Accepted), "answered Accepted without accepting");
+        }
+    }
+});

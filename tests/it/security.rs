@@ -1,0 +1,361 @@
+//! Issue 6: nobody gets in where they don't belong. A real nats-server with the broker
+//! permissions `outpost-hub enroll` generates; units' own identities; signed commands.
+
+use anyhow::{Context, Result};
+use async_nats::{Client, ConnectOptions, Event, ServerError};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use outpost_tests::{AgentOpts, Fleet, append_argv, eventually};
+use outpost_wire::api::CmdState;
+use outpost_wire::sign::SigningKey;
+use outpost_wire::{
+    Ack, AckKind, Command, Exec, Hello, Method, MsgId, RejectCode, decode, encode, now_ms,
+};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const T: Duration = Duration::from_secs(30);
+
+async fn check<F, Fut>(scenario: F)
+where
+    F: FnOnce(Fleet) -> Fut,
+    Fut: std::future::Future<Output = (Fleet, Result<()>)>,
+{
+    let fleet = Fleet::start().await.expect("fleet starts");
+    let (fleet, r) = scenario(fleet).await;
+    if let Err(e) = r {
+        panic!("{e:#}\n\n{}", fleet.logs());
+    }
+}
+
+macro_rules! scenario {
+    ($f:ident, $body:expr) => {
+        check(|#[allow(unused_mut)] mut $f: Fleet| async move {
+            let r: Result<()> = async { $body }.await;
+            ($f, r)
+        })
+        .await
+    };
+}
+
+/// Connect as an enrolled unit (its nkey and inbox), collecting the server's errors.
+async fn connect_as(f: &Fleet, node: &str) -> Result<(Client, mpsc::Receiver<String>)> {
+    let seed = std::fs::read_to_string(f.bundle(node).join("node.nk"))?;
+    let (tx, rx) = mpsc::channel(64);
+    let c = ConnectOptions::with_nkey(seed.trim().to_string())
+        .add_root_certificates(f.ca())
+        .require_tls(true)
+        .custom_inbox_prefix(outpost_wire::subject::unit_inbox(node))
+        .event_callback(move |e| {
+            let tx = tx.clone();
+            async move {
+                if let Event::ServerError(ServerError::Other(m)) = e {
+                    let _ = tx.send(m).await;
+                }
+            }
+        })
+        .connect(f.url())
+        .await?;
+    Ok((c, rx))
+}
+
+async fn expect_violation(rx: &mut mpsc::Receiver<String>, what: &str) -> Result<String> {
+    let m = tokio::time::timeout(T, rx.recv())
+        .await
+        .with_context(|| format!("no permissions violation for {what}"))?
+        .context("event channel closed")?;
+    assert!(
+        m.to_lowercase().contains("permissions violation"),
+        "{what}: {m}"
+    );
+    assert!(m.contains(what), "{what}: {m}");
+    Ok(m)
+}
+
+fn hub_key(f: &Fleet) -> Result<SigningKey> {
+    Ok(SigningKey::from_pkcs8(&std::fs::read(
+        f.pki().join("hub-signing.pk8"),
+    )?)?)
+}
+
+fn command(to: &str, deadline: u64, argv: Vec<String>) -> Command {
+    Command {
+        id: MsgId::new(now_ms()),
+        from: "central".into(),
+        to: to.into(),
+        issued_at: now_ms(),
+        deadline,
+        domain: String::new(),
+        timeout_ms: 0,
+        method: Method::Exec(Exec {
+            argv,
+            env: vec![],
+            cwd: None,
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_cannot_read_or_forge_another_units_traffic() {
+    scenario!(f, {
+        f.start_agent("unit-b", &AgentOpts::default()).await?;
+        f.enroll("unit-a")?;
+        let (a, mut errors) = connect_as(&f, "unit-a").await?;
+
+        // A cannot receive B's commands.
+        let b_cmds = f.subjects.command("unit-b");
+        let mut snoop = a.subscribe(b_cmds.clone()).await?;
+        expect_violation(&mut errors, &b_cmds).await?;
+        let id = f.exec("unit-b", &["true"]).await?;
+        assert_eq!(f.wait_final(id, T).await?.state, CmdState::Succeeded);
+        let got = tokio::time::timeout(Duration::from_millis(500), snoop.next()).await;
+        assert!(
+            !matches!(got, Ok(Some(_))),
+            "unit-a read a command for unit-b"
+        );
+
+        // A cannot read replies meant for others (the hub's or operators' inboxes).
+        let _inbox = a.subscribe("_INBOX.>").await?;
+        expect_violation(&mut errors, "_INBOX.>").await?;
+
+        // A cannot pose as B: its hello on B's subject is refused by the server.
+        let hello = Hello {
+            agent_version: "evil".into(),
+            arch: "evil".into(),
+            os: String::new(),
+            kernel: String::new(),
+            uptime_s: 0,
+            agent_started_at: 0,
+            labels: vec![],
+            outbox_depth: 0,
+            pending: 0,
+            interval_s: 1,
+        };
+        let b_hello = f.subjects.hello("unit-b");
+        a.publish(b_hello.clone(), Bytes::from(encode(&hello)))
+            .await?;
+        a.flush().await?;
+        expect_violation(&mut errors, &b_hello).await?;
+        let b_result = f.subjects.result("unit-b");
+        a.publish(b_result.clone(), Bytes::from_static(b"forged outcome"))
+            .await?;
+        a.flush().await?;
+        expect_violation(&mut errors, &b_result).await?;
+        let nodes = f.nodes().await?;
+        assert!(nodes.iter().all(|n| n.agent_version != "evil"), "{nodes:?}");
+
+        // A cannot command B, not even with bytes the hub once signed.
+        let effect = f.work_dir("unit-b").join("from-a");
+        let signed = hub_key(&f)?.sign(&command(
+            "unit-b",
+            now_ms() + 60_000,
+            append_argv(&effect, "x"),
+        ));
+        a.publish(b_cmds.clone(), Bytes::from(signed)).await?;
+        a.flush().await?;
+        expect_violation(&mut errors, &b_cmds).await?;
+        // Nor call the hub's API.
+        let api = f.subjects.api("send");
+        a.publish(api.clone(), Bytes::from_static(b"x")).await?;
+        a.flush().await?;
+        expect_violation(&mut errors, &api).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !effect.exists(),
+            "a command published by unit-a ran on unit-b"
+        );
+        Ok(())
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tampered_misaddressed_replayed_and_late_commands_never_run() {
+    scenario!(f, {
+        f.start_agent("unit-a", &AgentOpts::default()).await?;
+        let c = f.client().await?; // the hub's identity: may publish anywhere
+        let subject = f.subjects.command("unit-a");
+        let key = hub_key(&f)?;
+        let effects = f.work_dir("unit-a").join("effects");
+        let deliver = |bytes: Vec<u8>| {
+            let (c, s) = (c.clone(), subject.clone());
+            async move {
+                let r = c.request(s, Bytes::from(bytes)).await?;
+                anyhow::Ok(decode::<Ack>(&r.payload)?)
+            }
+        };
+        let code = |ack: &Ack| match &ack.kind {
+            AckKind::Rejected(r) => Some(r.code),
+            _ => None,
+        };
+        let fresh =
+            |token: &str| command("unit-a", now_ms() + 60_000, append_argv(&effects, token));
+
+        let forged = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8()?)?.sign(&fresh("forged"));
+        assert_eq!(
+            code(&deliver(forged).await?),
+            Some(RejectCode::BadSignature)
+        );
+
+        let mut tampered = key.sign(&fresh("tampered"));
+        // Flip a byte inside the argv: the signature no longer matches.
+        let at = tampered.len() - 64 - 10;
+        tampered[at] ^= 0x20;
+        assert_eq!(
+            code(&deliver(tampered).await?),
+            Some(RejectCode::BadSignature)
+        );
+
+        let elsewhere = key.sign(&command(
+            "unit-b",
+            now_ms() + 60_000,
+            append_argv(&effects, "elsewhere"),
+        ));
+        assert_eq!(
+            code(&deliver(elsewhere).await?),
+            Some(RejectCode::WrongNode)
+        );
+
+        let late = key.sign(&command(
+            "unit-a",
+            now_ms() - 1,
+            append_argv(&effects, "late"),
+        ));
+        assert_eq!(code(&deliver(late).await?), Some(RejectCode::Expired));
+
+        let good = key.sign(&fresh("good"));
+        assert_eq!(deliver(good.clone()).await?.kind, AckKind::Accepted);
+        eventually("the good command to run", T, || async {
+            std::fs::read_to_string(&effects)
+                .ok()
+                .filter(|t| t.contains("good"))
+                .map(|_| ())
+        })
+        .await?;
+        for _ in 0..3 {
+            let ack = deliver(good.clone()).await?;
+            assert!(
+                matches!(ack.kind, AckKind::Duplicate(_)),
+                "replay answered {ack:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            std::fs::read_to_string(&effects)?,
+            "good\n",
+            "only the authentic command ran, once"
+        );
+        Ok(())
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_outside_the_allow_list_is_rejected() {
+    scenario!(f, {
+        let opts = AgentOpts {
+            config: "[allow]\nmethods = [\"ping\", \"exec\"]\nexec = [\"echo *\", \"uname ...\"]\n"
+                .into(),
+            ..Default::default()
+        };
+        f.start_agent("unit-a", &opts).await?;
+        let ok = f.exec("unit-a", &["echo", "hi"]).await?;
+        assert_eq!(f.wait_final(ok, T).await?.state, CmdState::Succeeded);
+        let ok = f.exec("unit-a", &["uname", "-s", "-m"]).await?;
+        assert_eq!(f.wait_final(ok, T).await?.state, CmdState::Succeeded);
+        let marker = f.work_dir("unit-a").join("never");
+        for argv in [
+            vec!["echo".to_string(), "a".into(), "b".into()],
+            vec![
+                "sh".into(),
+                "-c".into(),
+                format!("touch {}", marker.display()),
+            ],
+            vec!["touch".into(), marker.display().to_string()],
+        ] {
+            let id = f
+                .send(
+                    "unit-a",
+                    Method::Exec(Exec {
+                        argv: argv.clone(),
+                        env: vec![],
+                        cwd: None,
+                    }),
+                    T,
+                    0,
+                )
+                .await?;
+            let r = f.wait_final(id, T).await?;
+            assert_eq!(r.state, CmdState::Rejected, "{argv:?}");
+            assert!(
+                r.note.contains("NotAllowed") && r.note.contains("[allow] exec"),
+                "{}",
+                r.note
+            );
+        }
+        assert!(!marker.exists());
+        Ok(())
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_unit_is_cut_off() {
+    scenario!(f, {
+        f.start_agent("unit-c", &AgentOpts::default()).await?;
+        let id = f.exec("unit-c", &["true"]).await?;
+        assert_eq!(f.wait_final(id, T).await?.state, CmdState::Succeeded);
+
+        let o = f.cli(&["revoke", "--pki", &f.pki().display().to_string(), "unit-c"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("broker reloaded"));
+
+        // Its live connection is closed and it cannot come back.
+        f.wait_online("unit-c", false, T).await?;
+        let err = connect_as(&f, "unit-c")
+            .await
+            .err()
+            .context("a revoked nkey connected")?;
+        assert!(
+            format!("{err:#}").to_lowercase().contains("authorization"),
+            "{err:#}"
+        );
+        let id = f
+            .send("unit-c", Method::Ping, Duration::from_secs(3), 0)
+            .await?;
+        assert_eq!(f.wait_final(id, T).await?.state, CmdState::Expired);
+        let log = f.agents["unit-c"].log_text();
+        assert!(
+            log.to_lowercase().contains("authorization"),
+            "the agent logs why it cannot connect:\n{log}"
+        );
+        Ok(())
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_credentials_nobody_connects() {
+    scenario!(f, {
+        let e = ConnectOptions::new()
+            .add_root_certificates(f.ca())
+            .require_tls(true)
+            .connect(f.url())
+            .await
+            .err()
+            .context("an anonymous client connected")?;
+        assert!(
+            format!("{e}").to_lowercase().contains("authorization"),
+            "{e}"
+        );
+        let o = f.cli(&["nodes", "--nkey-file", "/dev/null"]);
+        assert!(!o.status.success());
+        let o = std::process::Command::new(outpost_tests::bin("outpost-hub"))
+            .args(["nodes", "--nats-url", &f.url()])
+            .arg("--ca-file")
+            .arg(f.ca())
+            .output()?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("--nkey-file"),
+            "the error says what to pass: {err}"
+        );
+        Ok(())
+    });
+}
