@@ -35,9 +35,12 @@ fn policy() -> &'static Policy {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     let seen = |id: &MsgId| (id.0[0] == 0xAA).then_some(Recorded::Pending);
-    let now = 1_800_000_000_000;
+    // Between the seed corpus command's issue time and its deadline.
+    let now = 1_764_000_100_000;
     let payload = if mode & 1 == 1 {
         match decode::<Command>(rest) {
             Ok(cmd) => key().sign(&cmd),
@@ -55,7 +58,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(key().public().verify(&payload).is_ok());
         }
         Decision::Answer(ack) => {
-            assert!(!matches!(ack.kind, AckKind::Accepted), "answered Accepted without accepting");
+            assert!(
+                !matches!(ack.kind, AckKind::Accepted),
+                "answered Accepted without accepting"
+            );
         }
     }
 });

@@ -35,7 +35,7 @@ pub mod exit {
 }
 
 /// One API call, with errors an operator can act on.
-pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+pub async fn call<Req: Serialize, Resp: Serialize + DeserializeOwned>(
     client: &Client,
     subjects: &Subjects,
     name: &str,

@@ -20,6 +20,8 @@ pub enum DecodeError {
     Malformed(String),
     #[error("{0} unexpected trailing bytes after the message")]
     Trailing(usize),
+    #[error("non-canonical encoding (an over-long integer)")]
+    NonCanonical,
 }
 
 /// Encode a message with the version byte in front.
@@ -30,8 +32,10 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     postcard::to_extend(msg, out).expect("wire types always serialise")
 }
 
-/// Decode a message, checking the version byte, the size limit and that every byte was used.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+/// Decode a message, checking the version byte, the size limit, that every byte was
+/// used, and that the bytes are the one canonical encoding of the value (postcard
+/// itself accepts over-long varints), so each message has exactly one byte form.
+pub fn decode<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     let (&version, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
     if bytes.len() > MAX_PAYLOAD as usize {
         return Err(DecodeError::TooLarge(bytes.len()));
@@ -43,6 +47,9 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
         postcard::take_from_bytes(rest).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if !tail.is_empty() {
         return Err(DecodeError::Trailing(tail.len()));
+    }
+    if encode(&msg) != bytes {
+        return Err(DecodeError::NonCanonical);
     }
     Ok(msg)
 }

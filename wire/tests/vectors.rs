@@ -156,6 +156,10 @@ fn decode_errors_are_clear() {
         decode::<Receipt>(&[1, 2]),
         Err(DecodeError::Malformed(_))
     ));
+    // An over-long varint (0 as `80 00`) is refused: one value, one byte form.
+    let overlong = [1, 0x80, 0x00];
+    assert_eq!(decode::<u32>(&overlong), Err(DecodeError::NonCanonical));
+    assert_eq!(decode::<u32>(&[1, 0x00]), Ok(0));
 }
 
 proptest! {

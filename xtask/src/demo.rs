@@ -32,6 +32,24 @@ pub fn tour(keep: bool) -> Result<()> {
     let key = std::fs::read_to_string(pki.join("hub-signing.pub"))?
         .trim()
         .to_string();
+    // Each unit gets its own identity and broker permissions (its bundle), and an
+    // allow-list: a few harmless programs, and files under the demo directory.
+    for (node, labels) in UNITS {
+        let mut enroll = Command::new(&hub);
+        enroll.args(["enroll", "--pki"]).arg(&pki).arg(node);
+        enroll.arg("--install-dir").arg(pki.join("bundles").join(node));
+        for l in labels.split(',') {
+            enroll.args(["--label", l]);
+        }
+        run(enroll.stdout(std::process::Stdio::null()))?;
+        let allow = format!(
+            "[allow]\nmethods = [\"ping\", \"exec\", \"file.read\", \"file.write\"]\n\
+             exec = [\"uname ...\", \"uptime\", \"df ...\", \"sh -c *\"]\n\
+             read = [\"{d}\"]\nwrite = [\"{d}\"]\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join(format!("{node}.toml")), allow)?;
+    }
 
     let mut procs = Procs::default();
     procs.spawn(
@@ -50,14 +68,20 @@ pub fn tour(keep: bool) -> Result<()> {
             .arg("--ca-file")
             .arg(&ca)
             .arg("--signing-key")
-            .arg(pki.join("hub-signing.pk8")),
+            .arg(pki.join("hub-signing.pk8"))
+            .arg("--nkey-file")
+            .arg(pki.join("hub.nk")),
         &dir.join("hub.log"),
     )?;
     for (node, labels) in UNITS {
         let mut cmd = Command::new(bin.join("outpost-edge"));
         cmd.args(["run", "--node", node, "--nats-url", &url, "--hub-key", &key])
+            .arg("--config")
+            .arg(dir.join(format!("{node}.toml")))
             .arg("--ca-file")
             .arg(&ca)
+            .arg("--nkey-file")
+            .arg(pki.join("bundles").join(node).join("node.nk"))
             .arg("--state-dir")
             .arg(dir.join("units").join(node));
         for l in labels.split(',') {
@@ -70,7 +94,8 @@ pub fn tour(keep: bool) -> Result<()> {
         let mut c = Command::new(&hub);
         c.args(args)
             .env("OUTPOST_NATS_URL", &url)
-            .env("OUTPOST_CA_FILE", &ca);
+            .env("OUTPOST_CA_FILE", &ca)
+            .env("OUTPOST_NKEY_FILE", pki.join("operator.nk"));
         c
     };
     // Wait until all three units are online.
@@ -119,6 +144,9 @@ pub fn tour(keep: bool) -> Result<()> {
         "--",
         &target,
     ]))?;
+    println!("\n== a command outside the unit's allow-list: rejected, never run");
+    let st = op(&["send", "--to", "pi-north", "--", "rm", "-rf", "/tmp/outpost-demo"]).status()?;
+    println!("(outpost-hub send exited with {})", st.code().unwrap_or(-1));
     println!("\n== a command for a unit that is offline: queued, delivered when it connects");
     run(&mut op(&[
         "send",
