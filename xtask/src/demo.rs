@@ -37,7 +37,9 @@ pub fn tour(keep: bool) -> Result<()> {
     for (node, labels) in UNITS {
         let mut enroll = Command::new(&hub);
         enroll.args(["enroll", "--pki"]).arg(&pki).arg(node);
-        enroll.arg("--install-dir").arg(pki.join("bundles").join(node));
+        enroll
+            .arg("--install-dir")
+            .arg(pki.join("bundles").join(node));
         for l in labels.split(',') {
             enroll.args(["--label", l]);
         }
@@ -145,7 +147,16 @@ pub fn tour(keep: bool) -> Result<()> {
         &target,
     ]))?;
     println!("\n== a command outside the unit's allow-list: rejected, never run");
-    let st = op(&["send", "--to", "pi-north", "--", "rm", "-rf", "/tmp/outpost-demo"]).status()?;
+    let st = op(&[
+        "send",
+        "--to",
+        "pi-north",
+        "--",
+        "rm",
+        "-rf",
+        "/tmp/outpost-demo",
+    ])
+    .status()?;
     println!("(outpost-hub send exited with {})", st.code().unwrap_or(-1));
     println!("\n== a command for a unit that is offline: queued, delivered when it connects");
     run(&mut op(&[

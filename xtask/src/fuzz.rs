@@ -58,9 +58,13 @@ pub fn fuzz(a: &Args) -> Result<()> {
             .arg(format!("-max_total_time={}", a.seconds))
             .arg("-rss_limit_mb=2048")
             .arg("-print_final_stats=1");
-        run(&mut cmd).with_context(|| format!("fuzz target {t} found a crash (see fuzz/artifacts/{t})"))?;
+        run(&mut cmd)
+            .with_context(|| format!("fuzz target {t} found a crash (see fuzz/artifacts/{t})"))?;
         let after = std::fs::read_dir(&corpus)?.count();
-        eprintln!("fuzz {t}: corpus {before} -> {after} inputs after {} s", a.seconds);
+        eprintln!(
+            "fuzz {t}: corpus {before} -> {after} inputs after {} s",
+            a.seconds
+        );
     }
     Ok(())
 }
