@@ -319,6 +319,11 @@ impl StateDir {
         Ok(list(&dir)?.into_iter().map(|n| dir.join(n)).collect())
     }
 
+    /// Where a finished command's outcome waits in the outbox.
+    pub fn outbox_path(&self, t: &Ticket) -> PathBuf {
+        self.root.join("outbox").join(&t.name)
+    }
+
     /// The hub confirmed receipt: drop the entry.
     pub fn delivered(&self, path: &Path) -> Result<(), StateError> {
         match fs::remove_file(path) {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod bench;
 mod cross;
 mod demo;
 mod fuzz;
@@ -35,6 +36,8 @@ enum Cmd {
     Cross(cross::Args),
     /// Fuzz the wire decoder and the agent's command intake (nightly, cargo-fuzz).
     Fuzz(fuzz::Args),
+    /// Benchmarks against bare NATS and the seed's encoding; writes docs/benchmarks.md.
+    Bench(bench::Args),
     /// Set up and run a demo fleet on this machine: broker, hub, three units, commands.
     Demo {
         /// Keep the fleet running until Ctrl-C instead of stopping after the tour.
@@ -229,6 +232,7 @@ fn main() -> Result<()> {
         Cmd::Ci => ci(),
         Cmd::Cross(a) => cross::cross(a).map(|_| ()),
         Cmd::Fuzz(a) => fuzz::fuzz(&a),
+        Cmd::Bench(a) => bench::bench(&a),
         Cmd::Demo { keep } => demo::tour(keep),
     }
 }

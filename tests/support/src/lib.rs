@@ -46,12 +46,14 @@ pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("current exe");
-        // target/<profile>/deps/<test-binary>
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .to_path_buf();
+        // target/<profile>/deps/<test-binary>, or target/<profile>/<bin> for a tool
+        // such as outpost-bench.
+        let parent = exe.parent().expect("exe dir");
+        let dir = if parent.file_name().is_some_and(|n| n == "deps") {
+            parent.parent().expect("target dir").to_path_buf()
+        } else {
+            parent.to_path_buf()
+        };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args([

@@ -1,0 +1,554 @@
+//! `outpost-bench` (`cargo xtask bench`): outpost against the physical limit, every
+//! figure as a ratio to a baseline measured in the same run on the same machine:
+//! round trip (sequential, pipelined) against bare NATS request/reply, fan-out to
+//! 1,000 and 10,000 simulated units against a bare NATS fan-out, bytes on the wire
+//! against the seed's CBOR and JSON, and the agent's footprint. Writes the table to
+//! docs/benchmarks.md (or --out).
+
+mod sim;
+mod wire_size;
+
+use anyhow::{Context, Result};
+use async_nats::Client;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use outpost_hub::cli;
+use outpost_tests::{AgentOpts, Fleet};
+use outpost_wire::api::{CommandRecord, SendRequest};
+use outpost_wire::subject::Subjects;
+use outpost_wire::{Method, MsgId, decode, now_ms};
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+struct Opts {
+    quick: bool,
+    out: String,
+    fanouts: Vec<usize>,
+}
+
+fn opts() -> Opts {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "docs/benchmarks.md".into());
+    let fanouts = if quick {
+        vec![1_000]
+    } else {
+        vec![1_000, 10_000]
+    };
+    Opts {
+        quick,
+        out,
+        fanouts,
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// Result lines of the report.
+#[derive(Default)]
+struct Report {
+    rows: Vec<[String; 5]>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, what: &str, outpost: String, baseline: String, ratio: String, target: &str) {
+        println!("{what:<48} {outpost:>14} {baseline:>14} {ratio:>10}   {target}");
+        self.rows
+            .push([what.into(), outpost, baseline, ratio, target.into()]);
+    }
+}
+
+async fn bare_sequential(a: &Client, b: &Client, n: usize) -> Result<(Vec<Duration>, f64)> {
+    let mut sub = b.subscribe("bench.echo").await?;
+    let responder_client = b.clone();
+    let responder = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(r) = m.reply {
+                let _ = responder_client.publish(r, m.payload).await;
+            }
+        }
+    });
+    b.flush().await?;
+    let payload = Bytes::from(vec![0u8; 131]);
+    let mut lat = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        a.request("bench.echo", payload.clone()).await?;
+        lat.push(t.elapsed());
+    }
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    responder.abort();
+    lat.sort();
+    Ok((lat, rate))
+}
+
+async fn bare_pipelined(a: &Client, b: &Client, n: usize, inflight: usize) -> Result<f64> {
+    let mut sub = b.subscribe("bench.echo2").await?;
+    let rc = b.clone();
+    let responder = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(r) = m.reply {
+                let _ = rc.publish(r, m.payload).await;
+            }
+        }
+    });
+    b.flush().await?;
+    let payload = Bytes::from(vec![0u8; 131]);
+    let t0 = Instant::now();
+    futures_util::stream::iter(0..n)
+        .map(|_| {
+            let (a, p) = (a.clone(), payload.clone());
+            async move { a.request("bench.echo2", p).await }
+        })
+        .buffer_unordered(inflight)
+        .for_each(|r| async move {
+            r.expect("bare request");
+        })
+        .await;
+    responder.abort();
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn send_req(to: &str) -> SendRequest {
+    SendRequest {
+        id: MsgId::new(now_ms()),
+        to: to.into(),
+        domain: String::new(),
+        method: Method::Ping,
+        timeout_ms: 0,
+        ttl_ms: 600_000,
+    }
+}
+
+/// One command through the hub to a unit and back to its stored outcome, as an
+/// operator waits for it.
+async fn outpost_one(op: &Client, s: &Subjects, to: &str) -> Result<Duration> {
+    let t = Instant::now();
+    let rec = cli::send(op, s, send_req(to), true, false).await?;
+    anyhow::ensure!(rec.state.is_final(), "not final: {rec:?}");
+    Ok(t.elapsed())
+}
+
+/// Bare fan-out: n subjects answered over `conns` connections.
+async fn bare_fanout(f: &Fleet, n: usize, conns: usize) -> Result<Duration> {
+    let mut responders = Vec::new();
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let client = sim::connect(f).await?;
+        for i in (c..n).step_by(conns) {
+            let mut sub = client.subscribe(format!("bench.fan.{i}")).await?;
+            let rc = client.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    if let Some(r) = m.reply {
+                        let _ = rc.publish(r, Bytes::from_static(b"ok")).await;
+                    }
+                }
+            }));
+        }
+        client.flush().await?;
+        responders.push(client);
+    }
+    let driver = sim::connect(f).await?;
+    let mut back = driver.subscribe("bench.back.>").await?;
+    driver.flush().await?;
+    let t0 = Instant::now();
+    for i in 0..n {
+        driver
+            .publish_with_reply(
+                format!("bench.fan.{i}"),
+                format!("bench.back.{i}"),
+                Bytes::from_static(b"go"),
+            )
+            .await?;
+    }
+    driver.flush().await?;
+    let mut got = 0;
+    while got < n {
+        tokio::time::timeout(Duration::from_secs(60), back.next())
+            .await?
+            .context("replies ended")?;
+        got += 1;
+    }
+    let t = t0.elapsed();
+    for t in tasks {
+        t.abort();
+    }
+    Ok(t)
+}
+
+/// outpost fan-out: one command to each of `names`, until every outcome is stored.
+async fn outpost_fanout(op: &Client, s: &Subjects, names: &[String]) -> Result<Duration> {
+    let mut events = op.subscribe(format!("{}.event.cmd.*", s.prefix())).await?;
+    op.flush().await?;
+    let t0 = Instant::now();
+    let sender = {
+        let (op, s, names) = (op.clone(), s.clone(), names.to_vec());
+        tokio::spawn(async move {
+            futures_util::stream::iter(names)
+                .map(|n| {
+                    let (op, s) = (op.clone(), s.clone());
+                    async move {
+                        let req = send_req(&n);
+                        loop {
+                            match cli::call::<_, CommandRecord>(&op, &s, "send", &req).await {
+                                Ok(_) => break,
+                                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                            }
+                        }
+                    }
+                })
+                .buffer_unordered(256)
+                .for_each(|_| async {})
+                .await
+        })
+    };
+    let mut done = HashSet::new();
+    while done.len() < names.len() {
+        let m = tokio::time::timeout(Duration::from_secs(120), events.next())
+            .await
+            .context("fan-out stalled")?
+            .context("events ended")?;
+        if let Ok(r) = decode::<CommandRecord>(&m.payload)
+            && r.state.is_final()
+        {
+            done.insert(r.id);
+        }
+    }
+    let t = t0.elapsed();
+    sender.await?;
+    Ok(t)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let o = opts();
+    let started = Instant::now();
+    let mut r = Report::default();
+    println!(
+        "{:<48} {:>14} {:>14} {:>10}   target",
+        "figure", "outpost", "baseline", "ratio"
+    );
+
+    // 1. Wire size.
+    for w in wire_size::rows() {
+        let (seed, json) = (w.seed, w.json);
+        let ratio = if seed > 0 {
+            format!(
+                "{:.0}% / {:.0}%",
+                100.0 * w.outpost as f64 / seed as f64,
+                100.0 * w.outpost as f64 / json as f64
+            )
+        } else {
+            "-".into()
+        };
+        let target = match w.what {
+            "exec command, signed" => "≤ 140 B; ≤ 65% seed, ≤ 25% JSON",
+            "ACK" => "≤ 32 B",
+            "outcome, 100 B output" => "≤ 150 B; ≤ 35% seed",
+            _ => "",
+        };
+        r.row(
+            &format!("wire: {} (bytes)", w.what),
+            w.outpost.to_string(),
+            format!("seed {seed} / JSON {json}"),
+            ratio,
+            target,
+        );
+        r.notes.push(format!("wire: {}: {}", w.what, w.note));
+    }
+
+    let f = Fleet::start().await?;
+    let hub_pid = f.hub.as_ref().and_then(|h| h.pid()).context("hub pid")?;
+    let s = Subjects::default();
+    let a = sim::connect(&f).await?;
+    let b = sim::connect(&f).await?;
+    let op = sim::connect(&f).await?;
+
+    // 2. Round trip, sequential.
+    let n_seq = if o.quick { 300 } else { 1000 };
+    let (bare_lat, bare_rate) = bare_sequential(&a, &b, n_seq).await?;
+    let one = sim::start(&f, "seq", 1, 1).await?;
+    for _ in 0..20 {
+        outpost_one(&op, &s, &one.names[0]).await?; // warm-up
+    }
+    let mut lat = Vec::new();
+    let t0 = Instant::now();
+    let n_out = n_seq / 3;
+    for _ in 0..n_out {
+        lat.push(outpost_one(&op, &s, &one.names[0]).await?);
+    }
+    let out_rate = n_out as f64 / t0.elapsed().as_secs_f64();
+    lat.sort();
+    r.row(
+        "round trip sequential: p50",
+        ms(pct(&lat, 0.5)),
+        ms(pct(&bare_lat, 0.5)),
+        format!(
+            "{:.1}×",
+            pct(&lat, 0.5).as_secs_f64() / pct(&bare_lat, 0.5).as_secs_f64()
+        ),
+        "≤ 4× bare p50",
+    );
+    r.row(
+        "round trip sequential: p99",
+        ms(pct(&lat, 0.99)),
+        ms(pct(&bare_lat, 0.99)),
+        format!(
+            "{:.1}×",
+            pct(&lat, 0.99).as_secs_f64() / pct(&bare_lat, 0.99).as_secs_f64()
+        ),
+        "",
+    );
+    r.row(
+        "round trip sequential: per second",
+        format!("{out_rate:.0}/s"),
+        format!("{bare_rate:.0}/s"),
+        format!("{:.2}×", out_rate / bare_rate),
+        "",
+    );
+    drop(one);
+
+    // 3. Round trip, pipelined: 64 in flight (64 units, one command each at a time).
+    let inflight = 64;
+    let n_pipe = if o.quick { 2_000 } else { 10_000 };
+    let bare_pipe = bare_pipelined(&a, &b, n_pipe * 5, inflight).await?;
+    let units = sim::start(&f, "pipe", inflight, 16).await?;
+    let per = n_pipe / inflight;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for name in units.names.clone() {
+        let (op, s) = (op.clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                outpost_one(&op, &s, &name).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let pipe_rate = (per * inflight) as f64 / t0.elapsed().as_secs_f64();
+    r.row(
+        "round trip pipelined (64 in flight): per second",
+        format!("{pipe_rate:.0}/s"),
+        format!("{bare_pipe:.0}/s"),
+        format!("{:.2}×", pipe_rate / bare_pipe),
+        "≥ 0.25× bare",
+    );
+    drop(units);
+
+    // 4. Fan-out, and hub memory per idle unit.
+    for &n in &o.fanouts {
+        let bare = bare_fanout(&f, n, 100).await?;
+        let rss0 = rss_kib(hub_pid);
+        let fleet = sim::start(&f, &format!("fan{n}"), n, n.div_ceil(100)).await?;
+        let nodes = outpost_tests::eventually(
+            "the hub to register every unit",
+            Duration::from_secs(120),
+            || {
+                let (op, s) = (op.clone(), s.clone());
+                async move {
+                    cli::nodes(&op, &s)
+                        .await
+                        .ok()
+                        .filter(|v| v.len() >= n)
+                        .map(|v| v.len())
+                }
+            },
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss1 = rss_kib(hub_pid);
+        let t = outpost_fanout(&op, &s, &fleet.names).await?;
+        r.row(
+            &format!("fan-out to {n} units: all outcomes stored"),
+            ms(t),
+            ms(bare),
+            format!("{:.1}×", t.as_secs_f64() / bare.as_secs_f64()),
+            if n == 10_000 { "≤ 10× bare" } else { "" },
+        );
+        r.row(
+            &format!("fan-out to {n} units: commands per second"),
+            format!("{:.0}/s", n as f64 / t.as_secs_f64()),
+            "-".into(),
+            "-".into(),
+            "",
+        );
+        r.row(
+            &format!("hub RSS per idle unit ({nodes} units)"),
+            format!("{:.2} KiB", rss1.saturating_sub(rss0) as f64 / n as f64),
+            format!("{} MiB before", rss0 / 1024),
+            "-".into(),
+            if n == 10_000 { "≤ 2 KiB" } else { "" },
+        );
+        drop(fleet);
+    }
+    drop(f);
+
+    // 5. Agent footprint: a real native agent.
+    let mut f = Fleet::start().await?;
+    f.start_agent(
+        "footprint",
+        &AgentOpts {
+            hello_interval_s: 15,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let pid = f.agents["footprint"].pid().context("agent pid")?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = rss_kib(pid);
+    let secs = if o.quick { 20 } else { 60 };
+    let c0 = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let idle_cpu_ms = (cpu_ticks(pid) - c0) * 1000 / 100;
+    let mut peak = idle;
+    for _ in 0..200 {
+        f.exec("footprint", &["true"]).await?;
+        peak = peak.max(rss_kib(pid));
+    }
+    r.row(
+        "agent idle RSS (native x86_64 debug build)",
+        format!("{:.2} MiB", idle as f64 / 1024.0),
+        "-".into(),
+        "-".into(),
+        "≤ 4 MiB",
+    );
+    r.row(
+        "agent RSS under a 200-command stream (peak)",
+        format!("{:.2} MiB", peak as f64 / 1024.0),
+        "-".into(),
+        "-".into(),
+        "",
+    );
+    r.row(
+        &format!("agent CPU while idle for {secs} s"),
+        format!("{idle_cpu_ms} ms"),
+        "-".into(),
+        "-".into(),
+        "",
+    );
+    for (triple, budget) in [
+        ("aarch64-unknown-linux-musl", "≤ 2.5 MiB"),
+        ("armv7-unknown-linux-musleabihf", ""),
+        ("arm-unknown-linux-musleabihf", ""),
+    ] {
+        let p = outpost_tests::bin_dir()
+            .parent()
+            .map(|t| t.join("arm").join(triple).join("outpost-edge"));
+        if let Some(size) = p.and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()) {
+            r.row(
+                &format!("agent binary {triple}"),
+                format!("{:.2} MiB", size as f64 / 1048576.0),
+                "-".into(),
+                "-".into(),
+                budget,
+            );
+        }
+    }
+    drop(f);
+
+    write_report(&o, &r, started.elapsed())?;
+    Ok(())
+}
+
+fn write_report(o: &Opts, r: &Report, took: Duration) -> Result<()> {
+    let sh = |c: &str, a: &[&str]| {
+        std::process::Command::new(c)
+            .args(a)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mut md = String::new();
+    writeln!(md, "# Benchmarks\n")?;
+    writeln!(
+        md,
+        "Written by `cargo xtask bench{}` — do not edit by hand. Every figure is set against a baseline measured in the same run on the same machine; absolute times on shared machines are noisy, ratios much less so.\n",
+        if o.quick { " --quick" } else { "" }
+    )?;
+    writeln!(md, "- date: {}", sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    writeln!(
+        md,
+        "- commit: {}",
+        sh("git", &["rev-parse", "--short", "HEAD"])
+    )?;
+    writeln!(
+        md,
+        "- machine: {} cores, {cpu}, {}",
+        sh("nproc", &[]),
+        sh("sh", &["-c", "free -h | awk '/Mem:/{print $2\" RAM\"}'"])
+    )?;
+    writeln!(
+        md,
+        "- nats-server {}, TLS on every connection, hub release build, run took {:.0?}\n",
+        sh("nats-server", &["--version"]),
+        took
+    )?;
+    writeln!(
+        md,
+        "| figure | outpost | baseline | ratio | target |\n|---|---|---|---|---|"
+    )?;
+    for row in &r.rows {
+        writeln!(md, "| {} |", row.join(" | "))?;
+    }
+    writeln!(
+        md,
+        "\nBaselines: bare async-nats request/reply between two TLS clients on the same server (131-byte payload, the size of a signed command); a bare fan-out publishes to N subjects answered by responders on 100 connections. outpost's round trip is the operator's: `send` API call (command persisted), delivery, ACK, acceptance persisted, outcome, outcome persisted, receipt, the operator seeing the final event. Simulated units run the agent's real intake, state dir (on tmpfs) and outbox protocol with a fake executor, 100 to a connection.\n"
+    )?;
+    for n in &r.notes {
+        writeln!(md, "- {n}")?;
+    }
+    std::fs::write(&o.out, md)?;
+    println!("wrote {}", o.out);
+    Ok(())
+}
