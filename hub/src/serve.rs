@@ -76,7 +76,13 @@ pub struct Hub {
     cache: Mutex<HashMap<MsgId, (StoredCommand, u64)>>,
     nodes: Mutex<HashMap<String, NodeRecord>>,
     queues: Mutex<HashMap<String, mpsc::Sender<NodeMsg>>>,
+    /// Updates of one command are serialised in this process (an ACK and its outcome
+    /// often arrive together); compare-and-set still guards against other writers.
+    update_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Shards of `Hub::update_locks`.
+const UPDATE_SHARDS: usize = 256;
 
 fn grace_ms(n: &NodeRecord) -> u64 {
     MISSED_HELLOS * n.hello.interval_s as u64 * 1000 + 2000
@@ -121,6 +127,9 @@ pub async fn serve(
         cache: Mutex::new(HashMap::new()),
         nodes: Mutex::new(HashMap::new()),
         queues: Mutex::new(HashMap::new()),
+        update_locks: (0..UPDATE_SHARDS)
+            .map(|_| tokio::sync::Mutex::new(()))
+            .collect(),
     });
     // Subscribe before recovering so no report falls between the two.
     let results = client.subscribe(subjects.all_results()).await?;
@@ -268,6 +277,10 @@ impl Hub {
         id: &MsgId,
         f: impl Fn(&mut StoredCommand) -> bool,
     ) -> Result<Option<CommandRecord>, StoreError> {
+        // The id's last byte is random: an even spread over the shards.
+        let _serial = self.update_locks[id.0[15] as usize % UPDATE_SHARDS]
+            .lock()
+            .await;
         for _ in 0..32 {
             let cached = self.cache.lock().expect("cache lock").get(id).cloned();
             let (mut c, rev) = match cached {
@@ -632,15 +645,8 @@ impl Hub {
         {
             return Err("exec needs a program: give it after --".into());
         }
-        // Idempotent: a retried request with the same id returns the first one.
-        if let Some((c, _)) = self
-            .store
-            .get_command(&req.id)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            return Ok(c.record);
-        }
+        // Idempotent: a retried request with the same id returns the first one (the
+        // store's `create` refuses an existing id; see below).
         let now = now_ms();
         let cmd = Command {
             id: req.id,

@@ -423,3 +423,37 @@ async fn agent_config_errors_are_clear() {
         stderr(&o)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_send_queues_the_command_once() {
+    scenario!(f, {
+        let effect = f.work_dir("pi-1").join("once");
+        let req = outpost_wire::api::SendRequest {
+            id: MsgId::new(now_ms()),
+            to: "pi-1".into(),
+            domain: String::new(),
+            method: Method::Exec(Exec {
+                argv: append_argv(&effect, "x"),
+                env: vec![],
+                cwd: None,
+            }),
+            timeout_ms: 0,
+            ttl_ms: 60_000,
+        };
+        let c = f.client().await?;
+        // The operator's reply was lost, so it asks again with the same id.
+        let first = outpost_hub::cli::send(&c, &f.subjects, req.clone(), false, false).await?;
+        let again = outpost_hub::cli::send(&c, &f.subjects, req.clone(), false, false).await?;
+        assert_eq!((first.id, first.issued_at), (again.id, again.issued_at));
+        f.start_agent("pi-1", &AgentOpts::default()).await?;
+        assert_eq!(f.wait_final(req.id, T).await?.state, CmdState::Succeeded);
+        let third = outpost_hub::cli::send(&c, &f.subjects, req, false, false).await?;
+        assert_eq!(
+            third.state,
+            CmdState::Succeeded,
+            "a late retry returns the final record"
+        );
+        assert_eq!(std::fs::read_to_string(&effect)?, "x\n");
+        Ok(())
+    });
+}
