@@ -105,6 +105,16 @@ pub enum Route {
     Debian,
 }
 
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Route::Auto => "auto",
+            Route::Rustup => "rustup",
+            Route::Debian => "debian",
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A target triple to build; repeatable [default: all three].
@@ -265,8 +275,10 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
         let smoke = smoke_test(b)?;
         let fits = b.bytes <= BUDGET_BYTES;
         eprintln!(
-            "\n{} ({}), {:?} route",
-            b.target.triple, b.target.units, b.route
+            "\n{} ({}), {} route",
+            b.target.triple,
+            b.target.units,
+            b.route.name()
         );
         eprintln!("  {}", b.path.display());
         eprintln!(
@@ -298,12 +310,12 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
         }
         let _ = writeln!(
             report,
-            "  {:<32} {:>10} B {:>6.2} MiB  {:>7.1?} ({:?})",
+            "  {:<32} {:>10} B {:>6.2} MiB  {:>7.1?} ({})",
             b.target.triple,
             thousands(b.bytes),
             mib(b.bytes),
             b.build_time,
-            b.route
+            b.route.name()
         );
     }
     eprintln!(
