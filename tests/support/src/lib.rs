@@ -18,6 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod device;
 pub mod proxy;
 
 /// Poll `check` every 50 ms until it returns `Some`, or fail after `limit`.
@@ -56,17 +57,21 @@ pub fn bin_dir() -> &'static Path {
         };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "outpost-hub",
-            "-p",
-            "outpost-edge",
-        ]);
+        // The same command `cargo xtask test` / `cargo xtask bench` ran before, so
+        // that this is a no-op there (a different package set unifies features
+        // differently and would rebuild the binaries).
         if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
+            cmd.args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "outpost-hub",
+                "-p",
+                "outpost-edge",
+            ]);
+        } else {
+            cmd.args(["build", "--quiet", "--workspace", "--bins"]);
         }
         let st = cmd.status().expect("run cargo build");
         assert!(st.success(), "building the outpost binaries failed");
@@ -239,6 +244,13 @@ impl Fleet {
 
     /// PKI, broker and hub, all ready.
     pub async fn start() -> Result<Fleet> {
+        Fleet::start_with_hosts(&[]).await
+    }
+
+    /// Like [`Fleet::start`], with the broker's certificate also valid for `extra`
+    /// names or addresses (e.g. the address a VM reaches the broker at), besides
+    /// localhost and 127.0.0.1.
+    pub async fn start_with_hosts(extra: &[&str]) -> Result<Fleet> {
         let hub = bin("outpost-hub");
         // OUTPOST_KEEP_TEST_DIRS=1 keeps each fleet's logs and state for a post-mortem.
         let keep = std::env::var_os("OUTPOST_KEEP_TEST_DIRS").is_some();
@@ -254,6 +266,15 @@ impl Fleet {
             .args(["pki", "init", "--dir"])
             .arg(dir.path().join("pki"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(
+                if extra.is_empty() {
+                    vec![]
+                } else {
+                    ["localhost", "127.0.0.1"].iter().chain(extra).collect()
+                }
+                .into_iter()
+                .flat_map(|h| ["--host", h]),
+            )
             .stdout(Stdio::null())
             .status()?;
         assert!(st.success(), "pki init failed");
