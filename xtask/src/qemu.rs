@@ -227,13 +227,15 @@ pub fn qemu_image(args: &Args) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// qemu-system-aarch64, cpio, mkfs.ext4 and the arm64 package lists, installing what is
+/// qemu-system-aarch64, cpio, socat, mkfs.ext4 and the arm64 package lists, installing what is
 /// missing (as root or in CI; elsewhere it says what to run).
 fn ensure_tools() -> Result<()> {
     let mut apt = vec![];
     for (tool, pkg) in [
         ("qemu-system-aarch64", "qemu-system-arm"),
         ("cpio", "cpio"),
+        // The guest reaches the broker through a guestfwd that runs socat.
+        ("socat", "socat"),
         ("mkfs.ext4", "e2fsprogs"),
         ("dpkg-deb", "dpkg"),
     ] {
