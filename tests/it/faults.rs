@@ -359,21 +359,45 @@ async fn acks_lost_so_the_hub_resends_what_already_ran() {
         .await?;
         f.start_agent("unit-b", &AgentOpts::default()).await?;
         let p = plan(&f, &NODES, PER_SCENARIO, LONG);
-        // Paced so the three stalls fall while unit-a's commands are still arriving.
         let (h, sent) = start_stream(&f, f.client().await?, p, Duration::from_millis(40));
+        let connects = |f: &Fleet| {
+            f.agents["unit-a"]
+                .log_text()
+                .matches("event=connected")
+                .count()
+        };
+        let mut probes: Sent = Vec::new();
         for round in 0..3 {
             reached(&sent, (round + 1) * PER_SCENARIO / 4).await?;
             // The unit receives and runs commands; its ACKs, outcomes and hellos
             // go nowhere, then the connection dies with them.
             proxy.set(Mode::StallUp);
+            // A command certainly in flight to unit-a while its answers go nowhere.
+            let mut probe = plan(&f, &["unit-a"], 1, LONG).remove(0);
+            probe.token = format!("probe-{round}");
+            probe.argv = append_argv(&f.work_dir("unit-a").join("effects"), &probe.token);
+            let method = Method::Exec(Exec {
+                argv: probe.argv.clone(),
+                env: vec![],
+                cwd: None,
+            });
+            let id = f.send("unit-a", method, LONG, 0).await?;
+            probes.push((probe, id));
             tokio::time::sleep(Duration::from_secs(3)).await;
+            let before = connects(&f);
             proxy.set(Mode::Down);
             tokio::time::sleep(Duration::from_millis(500)).await;
             proxy.set(Mode::Pass);
+            // The next stall must hit a live connection.
+            eventually("unit-a to reconnect", Duration::from_secs(60), || async {
+                (connects(&f) > before).then_some(())
+            })
+            .await?;
         }
-        let sent = h.await??;
+        let mut sent = h.await??;
+        sent.extend(probes);
         let t = audit(&f, "acks lost", &NODES, &sent).await?;
-        assert_eq!(t.executed_once, PER_SCENARIO);
+        assert_eq!(t.executed_once, PER_SCENARIO + 3);
         let dups = f.agents["unit-a"]
             .log_text()
             .matches("duplicate delivery")
@@ -382,8 +406,8 @@ async fn acks_lost_so_the_hub_resends_what_already_ran() {
             "  unit-a answered {dups} re-deliveries with Duplicate instead of running them again"
         );
         assert!(
-            dups >= 2,
-            "the scenario must make the hub re-send commands that already ran"
+            dups >= 3,
+            "each of the three stalls must make the hub re-send a command that already ran"
         );
         Ok(())
     });
