@@ -170,29 +170,25 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
     // Decide each target's route, then make sure the tools for those routes exist.
     let mut plan = vec![];
     for &t in &targets {
+        // Auto is the Debian route for every target: it builds std for size (no
+        // backtrace, optimised for size), which makes the aarch64 agent 0.6 MB smaller
+        // than rustup's prebuilt std, and one cargo run then serves all three targets.
         let route = match (args.route, t.triple) {
-            (Route::Debian, _) => Route::Debian,
-            (_, "aarch64-unknown-linux-musl") => {
-                if rustup_std(t.triple, args.route == Route::Rustup)? {
+            (Route::Debian | Route::Auto, _) => Route::Debian,
+            (Route::Rustup, "aarch64-unknown-linux-musl") => {
+                if rustup_std(t.triple, true)? {
                     Route::Rustup
-                } else if args.route == Route::Rustup {
+                } else {
                     bail!(
                         "--route rustup: rustup has no {} std here and `rustup target add` could not fetch it; use --route debian",
                         t.triple
                     );
-                } else {
-                    eprintln!(
-                        "cross: no rustup std for {}: building it with Debian's rustc instead",
-                        t.triple
-                    );
-                    Route::Debian
                 }
             }
             (Route::Rustup, _) => bail!(
                 "--route rustup works for aarch64-unknown-linux-musl only: rustup ships no {} std that this machine can fetch; use --route debian",
                 t.triple
             ),
-            (Route::Auto, _) => Route::Debian,
         };
         plan.push((t, route));
     }
