@@ -1,10 +1,9 @@
 //! The end-to-end loop against a real nats-server with TLS: hub and agents run as
 //! processes; the operator side is the real CLI or the real API.
 
-use anyhow::Result;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use outpost_tests::{AgentOpts, Fleet, append_argv};
+use outpost_tests::{AgentOpts, append_argv, scenario};
 use outpost_wire::api::CmdState;
 use outpost_wire::sign::SigningKey;
 use outpost_wire::{
@@ -20,29 +19,6 @@ fn stdout(o: &std::process::Output) -> String {
 }
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Run a scenario; on failure, show what every process logged.
-async fn check<F, Fut>(scenario: F)
-where
-    F: FnOnce(Fleet) -> Fut,
-    Fut: std::future::Future<Output = (Fleet, Result<()>)>,
-{
-    let fleet = Fleet::start().await.expect("fleet starts");
-    let (fleet, r) = scenario(fleet).await;
-    if let Err(e) = r {
-        panic!("{e:#}\n\n{}", fleet.logs());
-    }
-}
-
-macro_rules! scenario {
-    ($f:ident, $body:expr) => {
-        check(|#[allow(unused_mut)] mut $f: Fleet| async move {
-            let r: Result<()> = async { $body }.await;
-            ($f, r)
-        })
-        .await
-    };
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

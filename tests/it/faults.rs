@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use async_nats::Client;
 use outpost_hub::cli;
 use outpost_tests::proxy::{Mode, Proxy};
-use outpost_tests::{AgentOpts, Fleet, append_argv, eventually};
+use outpost_tests::{AgentOpts, Fleet, append_argv, eventually, scenario};
 use outpost_wire::api::{CmdState, CommandRecord, SendRequest};
 use outpost_wire::subject::Subjects;
 use outpost_wire::{Exec, Method, MsgId, Status, now_ms};
@@ -207,28 +207,6 @@ async fn audit(f: &Fleet, name: &str, nodes: &[&str], sent: &[(Planned, MsgId)])
         );
     }
     Ok(t)
-}
-
-async fn check<F, Fut>(scenario: F)
-where
-    F: FnOnce(Fleet) -> Fut,
-    Fut: std::future::Future<Output = (Fleet, Result<()>)>,
-{
-    let fleet = Fleet::start().await.expect("fleet starts");
-    let (fleet, r) = scenario(fleet).await;
-    if let Err(e) = r {
-        panic!("{e:#}\n\n{}", fleet.logs());
-    }
-}
-
-macro_rules! scenario {
-    ($f:ident, $body:expr) => {
-        check(|#[allow(unused_mut)] mut $f: Fleet| async move {
-            let r: Result<()> = async { $body }.await;
-            ($f, r)
-        })
-        .await
-    };
 }
 
 const NODES: [&str; 2] = ["unit-a", "unit-b"];

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use async_nats::{Client, ConnectOptions, Event, ServerError};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use outpost_tests::{AgentOpts, Fleet, append_argv, eventually};
+use outpost_tests::{AgentOpts, Fleet, append_argv, eventually, scenario};
 use outpost_wire::api::CmdState;
 use outpost_wire::sign::SigningKey;
 use outpost_wire::{
@@ -15,28 +15,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 const T: Duration = Duration::from_secs(30);
-
-async fn check<F, Fut>(scenario: F)
-where
-    F: FnOnce(Fleet) -> Fut,
-    Fut: std::future::Future<Output = (Fleet, Result<()>)>,
-{
-    let fleet = Fleet::start().await.expect("fleet starts");
-    let (fleet, r) = scenario(fleet).await;
-    if let Err(e) = r {
-        panic!("{e:#}\n\n{}", fleet.logs());
-    }
-}
-
-macro_rules! scenario {
-    ($f:ident, $body:expr) => {
-        check(|#[allow(unused_mut)] mut $f: Fleet| async move {
-            let r: Result<()> = async { $body }.await;
-            ($f, r)
-        })
-        .await
-    };
-}
 
 /// Connect as an enrolled unit (its nkey and inbox), collecting the server's errors.
 async fn connect_as(f: &Fleet, node: &str) -> Result<(Client, mpsc::Receiver<String>)> {

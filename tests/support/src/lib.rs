@@ -586,6 +586,32 @@ impl Fleet {
     }
 }
 
+/// Run a scenario on a fresh fleet; on failure, panic with the error and what every
+/// process of the fleet logged. Use it through [`scenario!`].
+pub async fn check<F, Fut>(scenario: F)
+where
+    F: FnOnce(Fleet) -> Fut,
+    Fut: Future<Output = (Fleet, Result<()>)>,
+{
+    let fleet = Fleet::start().await.expect("fleet starts");
+    let (fleet, r) = scenario(fleet).await;
+    if let Err(e) = r {
+        panic!("{e:#}\n\n{}", fleet.logs());
+    }
+}
+
+/// `scenario!(f, { ...; Ok(()) })`: the body runs with `f`, a started [`Fleet`].
+#[macro_export]
+macro_rules! scenario {
+    ($f:ident, $body:expr) => {
+        $crate::check(|#[allow(unused_mut)] mut $f: $crate::Fleet| async move {
+            let r: ::anyhow::Result<()> = async { $body }.await;
+            ($f, r)
+        })
+        .await
+    };
+}
+
 /// A final state that means the command ran (so its effect must be visible once).
 pub fn ran(state: CmdState) -> bool {
     matches!(
