@@ -448,7 +448,13 @@ async fn main() -> Result<()> {
         peak = peak.max(rss_kib(pid));
     }
     r.row(
-        "agent idle RSS (native x86_64 debug build)",
+        &format!(
+            "agent idle RSS (native x86_64 glibc, `{}` profile)",
+            outpost_tests::bin_dir()
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ),
         format!("{:.2} MiB", idle as f64 / 1024.0),
         "-".into(),
         "-".into(),
@@ -530,7 +536,7 @@ fn write_report(o: &Opts, r: &Report, took: Duration) -> Result<()> {
     )?;
     writeln!(
         md,
-        "- nats-server {}, TLS on every connection, hub release build, run took {:.0?}\n",
+        "- nats-server {}, TLS on every connection, hub and agent in the `release` profile, run took {:.0?}\n",
         sh("nats-server", &["--version"]),
         took
     )?;
