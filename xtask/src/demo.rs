@@ -34,7 +34,27 @@ pub fn tour(keep: bool) -> Result<()> {
         .to_string();
     // Each unit gets its own identity and broker permissions (its bundle), and an
     // allow-list: a few harmless programs, and files under the demo directory.
-    for (node, labels) in UNITS {
+    // One more unit when the ARM firmware and qemu-user are here (`cargo xtask
+    // cross`): the real aarch64 agent, emulated.
+    let arm = target_dir().join("arm/aarch64-unknown-linux-musl/outpost-edge");
+    let mut units: Vec<(&str, &str, Option<Vec<String>>)> =
+        UNITS.iter().map(|(n, l)| (*n, *l, None)).collect();
+    match crate::on_path("qemu-aarch64-static") {
+        Some(qemu) if arm.is_file() => units.push((
+            "pi-arm64",
+            "site=lab,role=firmware",
+            Some(vec![
+                qemu.display().to_string(),
+                "-cpu".into(),
+                "cortex-a53".into(),
+                arm.display().to_string(),
+            ]),
+        )),
+        _ => println!(
+            "(no ARM unit in this demo: run `cargo xtask cross` and install qemu-user-static for one)"
+        ),
+    }
+    for &(node, labels, _) in &units {
         let mut enroll = Command::new(&hub);
         enroll.args(["enroll", "--pki"]).arg(&pki).arg(node);
         enroll
@@ -75,8 +95,16 @@ pub fn tour(keep: bool) -> Result<()> {
             .arg(pki.join("hub.nk")),
         &dir.join("hub.log"),
     )?;
-    for (node, labels) in UNITS {
-        let mut cmd = Command::new(bin.join("outpost-edge"));
+    for (node, labels, wrapper) in &units {
+        let (node, labels) = (*node, *labels);
+        let mut cmd = match wrapper {
+            Some(w) => {
+                let mut c = Command::new(&w[0]);
+                c.args(&w[1..]);
+                c
+            }
+            None => Command::new(bin.join("outpost-edge")),
+        };
         cmd.args(["run", "--node", node, "--nats-url", &url, "--hub-key", &key])
             .arg("--config")
             .arg(dir.join(format!("{node}.toml")))
@@ -100,12 +128,12 @@ pub fn tour(keep: bool) -> Result<()> {
             .env("OUTPOST_NKEY_FILE", pki.join("operator.nk"));
         c
     };
-    // Wait until all three units are online.
+    // Wait until every unit is online.
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         let out = op(&["nodes"]).output()?;
         let table = String::from_utf8_lossy(&out.stdout);
-        if table.matches(" online ").count() >= UNITS.len() {
+        if table.matches(" online ").count() >= units.len() {
             break;
         }
         if Instant::now() > end {
@@ -116,6 +144,12 @@ pub fn tour(keep: bool) -> Result<()> {
 
     println!("\n== a command with output");
     run(&mut op(&["send", "--to", "pi-north", "--", "uname", "-sm"]))?;
+    if units.iter().any(|u| u.0 == "pi-arm64") {
+        // Only the agent is emulated: a program it starts is the host's, so a ping
+        // shows the firmware's own round trip.
+        println!("\n== a ping through the ARM firmware (aarch64 agent under qemu-user)");
+        run(&mut op(&["send", "--to", "pi-arm64", "--method", "ping"]))?;
+    }
     println!("\n== a command that fails: its exit code comes back");
     let st = op(&[
         "send",
