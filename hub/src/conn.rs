@@ -82,16 +82,20 @@ impl NatsArgs {
             .connection_timeout(Duration::from_secs(5)))
     }
 
+    fn connect_error(&self, source: async_nats::ConnectError) -> ConnError {
+        ConnError::Connect {
+            url: self.nats_url.clone(),
+            hint: hint(&source, self.nkey_file.is_some()),
+            source,
+        }
+    }
+
     /// A short-lived operator connection: fails at once if the broker is not there.
     pub async fn connect_once(&self, name: &str) -> Result<Client, ConnError> {
         self.options(name)?
             .connect(self.nats_url.as_str())
             .await
-            .map_err(|source| ConnError::Connect {
-                url: self.nats_url.clone(),
-                hint: hint(&source, self.nkey_file.is_some()),
-                source,
-            })
+            .map_err(|source| self.connect_error(source))
     }
 
     /// The daemon's connection: waits for the broker and reconnects forever.
@@ -109,10 +113,6 @@ impl NatsArgs {
             })
             .connect(self.nats_url.as_str())
             .await
-            .map_err(|source| ConnError::Connect {
-                url: self.nats_url.clone(),
-                hint: hint(&source, self.nkey_file.is_some()),
-                source,
-            })
+            .map_err(|source| self.connect_error(source))
     }
 }

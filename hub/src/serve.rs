@@ -365,9 +365,15 @@ impl Hub {
             },
         };
         debug!(node, command = %id, problem = %problem, "delivery attempt failed");
+        self.failed_attempt(&id, problem).await
+    }
+
+    /// Record a delivery attempt that did not land (the command stays `Sent`, the
+    /// operator sees why) and ask for a retry.
+    async fn failed_attempt(&self, id: &MsgId, problem: String) -> Delivery {
         let now = now_ms();
         let r = self
-            .update(&id, |c| {
+            .update(id, |c| {
                 if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
                     return false;
                 }
@@ -391,22 +397,9 @@ impl Hub {
             AckKind::Accepted | AckKind::Duplicate(_) => (CmdState::Accepted, String::new()),
             AckKind::Rejected(r) => (CmdState::Rejected, r.to_string()),
             AckKind::Busy => {
-                let r = self
-                    .update(&id, |c| {
-                        if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
-                            return false;
-                        }
-                        c.record.state = CmdState::Sent;
-                        c.record.attempts += 1;
-                        c.record.last_attempt_at = now;
-                        c.record.note = "unit busy: its queue is full".into();
-                        true
-                    })
+                return self
+                    .failed_attempt(&id, "unit busy: its queue is full".into())
                     .await;
-                if let Err(e) = r {
-                    error!(command = %id, error = %e, "cannot record a delivery attempt");
-                }
-                return Delivery::Retry;
             }
         };
         let r = self
