@@ -400,7 +400,7 @@ async fn say_hello(agent: Arc<Agent>) {
             (s.outbox().map(|o| o.len()).unwrap_or(0), s.pending())
         };
         let hello = Hello {
-            agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_version: crate::VERSION.into(),
             arch: std::env::consts::ARCH.into(),
             os: os.clone(),
             kernel: kernel.clone(),

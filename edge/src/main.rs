@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 /// The outpost agent: obeys signed commands from the hub and reports every outcome.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = outpost_edge::VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

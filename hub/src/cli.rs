@@ -320,6 +320,7 @@ mod tests {
             os: "Debian".into(),
             kernel: "6.1".into(),
             agent_version: "0.1.0".into(),
+            agent_started_at: 1,
             labels: vec![("site".into(), "a".into())],
             pending: 2,
         };

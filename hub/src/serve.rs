@@ -742,6 +742,7 @@ impl Hub {
                     os: n.hello.os.clone(),
                     kernel: n.hello.kernel.clone(),
                     agent_version: n.hello.agent_version.clone(),
+                    agent_started_at: n.hello.agent_started_at,
                     labels: n.hello.labels.clone(),
                     pending: pending.get(&n.name).copied().unwrap_or(0),
                 }
@@ -759,6 +760,7 @@ impl Hub {
                     os: String::new(),
                     kernel: String::new(),
                     agent_version: String::new(),
+                    agent_started_at: 0,
                     labels: vec![],
                     pending: count,
                 });

@@ -144,6 +144,9 @@ pub struct NodeView {
     pub os: String,
     pub kernel: String,
     pub agent_version: String,
+    /// When the unit's agent process started (its clock, ms since the epoch): a newer
+    /// value than before a restart means the restarted agent has said hello.
+    pub agent_started_at: u64,
     pub labels: Vec<(String, String)>,
     /// Commands for it that are not final yet.
     pub pending: u32,
