@@ -47,6 +47,14 @@ pub const REPORT_CONCURRENCY: usize = 256;
 pub const MISSED_HELLOS: u64 = 3;
 /// Longest deadline the API accepts (30 days): the hub keeps trying that long.
 pub const MAX_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+/// How long an `Accepted` may wait in memory before it is written (ADR 0006): most
+/// outcomes of short commands arrive within it, and their one final write carries the
+/// acceptance too. A hub that dies in this window re-sends the command after its
+/// restart and the unit answers `Duplicate`, as for any lost `Accepted` write.
+pub const ACCEPTED_WRITE_DELAY: Duration = Duration::from_millis(100);
+/// Last-outcome revisions the hub remembers (about 100 bytes each); beyond it the
+/// cache starts over and the next outcome of a key reads the store once.
+pub const LAST_CACHE: usize = 100_000;
 
 /// What the daemon needs.
 pub struct ServeConfig {
@@ -63,6 +71,28 @@ enum NodeMsg {
     Kick,
 }
 
+/// A command that is not final yet, as this hub knows it.
+#[derive(Clone)]
+struct Cached {
+    cmd: StoredCommand,
+    /// The KV revision of the last version of `cmd` written or read.
+    rev: u64,
+    /// `cmd` holds a transition the store does not have yet: an `Accepted` waiting
+    /// for its deferred write (ADR 0006).
+    unsaved: bool,
+}
+
+/// When [`Hub::update`] writes a transition.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Persist {
+    /// Before it returns.
+    Now,
+    /// Later, by [`Hub::flush`], unless a `Now` update of the same command writes it
+    /// first; the cached record (what `show` and events say) changes at once. Only for
+    /// commands in the cache: one that is not is final, and an ACK cannot change it.
+    Deferred,
+}
+
 /// The daemon's shared state. The maps are caches of what is in the store; the
 /// std mutexes are never held across an await.
 pub struct Hub {
@@ -73,7 +103,9 @@ pub struct Hub {
     key: SigningKey,
     ack_timeout: Duration,
     /// Every command that is not final yet, with its KV revision.
-    cache: Mutex<HashMap<MsgId, (StoredCommand, u64)>>,
+    cache: Mutex<HashMap<MsgId, Cached>>,
+    /// Newest command id and KV revision per last-outcome key, as stored.
+    last: Mutex<HashMap<String, (MsgId, u64)>>,
     nodes: Mutex<HashMap<String, NodeRecord>>,
     queues: Mutex<HashMap<String, mpsc::Sender<NodeMsg>>>,
     /// Updates of one command are serialised in this process (an ACK and its outcome
@@ -125,6 +157,7 @@ pub async fn serve(
         key: cfg.signing_key,
         ack_timeout: cfg.ack_timeout,
         cache: Mutex::new(HashMap::new()),
+        last: Mutex::new(HashMap::new()),
         nodes: Mutex::new(HashMap::new()),
         queues: Mutex::new(HashMap::new()),
         update_locks: (0..UPDATE_SHARDS)
@@ -157,6 +190,7 @@ pub async fn serve(
     for t in tasks {
         t.abort();
     }
+    let _ = tokio::time::timeout(Duration::from_secs(2), hub.flush_all()).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(())
 }
@@ -221,18 +255,37 @@ impl Hub {
             .extend(nodes.into_iter().map(|n| (n.name.clone(), n)));
         let mut to_deliver = Vec::new();
         let mut open = 0;
-        for (c, rev) in self.store.all_commands().await? {
-            if c.record.state.is_final() {
+        // The newest finished command per last-outcome key: the last-outcome write
+        // follows the receipt, so a hub that died in between left it undone.
+        let mut newest: HashMap<String, LastOutcome> = HashMap::new();
+        for (cmd, rev) in self.store.all_commands().await? {
+            if cmd.record.state.is_final() {
+                if let Some(last) = last_of(&cmd.record) {
+                    let key = last_key(&cmd.record.node, &cmd.record.method, &cmd.record.domain);
+                    match newest.get(&key) {
+                        Some(l) if l.command > last.command => {}
+                        _ => {
+                            newest.insert(key, last);
+                        }
+                    }
+                }
                 continue;
             }
             open += 1;
-            if matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
-                to_deliver.push((c.record.node.clone(), c.record.issued_at, c.record.id));
+            if matches!(cmd.record.state, CmdState::Queued | CmdState::Sent) {
+                to_deliver.push((cmd.record.node.clone(), cmd.record.issued_at, cmd.record.id));
             }
-            self.cache
-                .lock()
-                .expect("cache lock")
-                .insert(c.record.id, (c, rev));
+            self.cache.lock().expect("cache lock").insert(
+                cmd.record.id,
+                Cached {
+                    cmd,
+                    rev,
+                    unsaved: false,
+                },
+            );
+        }
+        for (key, last) in newest {
+            self.record_last(key, last).await;
         }
         to_deliver.sort_by_key(|(_, at, id)| (*at, *id));
         let n_deliver = to_deliver.len();
@@ -270,11 +323,14 @@ impl Hub {
         }
     }
 
-    /// Apply `f` to a command's record by compare-and-set; `f` returns false to leave
-    /// it as it is. Returns the new record when something changed.
+    /// Apply `f` to a command's record and write it by compare-and-set, now or
+    /// deferred (see [`Persist`]); `f` returns false to leave the record as it is (a
+    /// `Now` update then still writes a deferred transition). Returns the new record
+    /// when `f` changed something.
     async fn update(
         &self,
         id: &MsgId,
+        persist: Persist,
         f: impl Fn(&mut StoredCommand) -> bool,
     ) -> Result<Option<CommandRecord>, StoreError> {
         // The id's last byte is random: an even spread over the shards.
@@ -283,38 +339,65 @@ impl Hub {
             .await;
         for _ in 0..32 {
             let cached = self.cache.lock().expect("cache lock").get(id).cloned();
-            let (mut c, rev) = match cached {
-                Some(x) => x,
+            let mut e = match cached {
+                Some(e) => e,
+                None if persist == Persist::Deferred => return Ok(None),
                 None => match self.store.get_command(id).await? {
-                    Some(x) => {
-                        if !x.0.record.state.is_final() {
+                    Some((cmd, rev)) => {
+                        let e = Cached {
+                            cmd,
+                            rev,
+                            unsaved: false,
+                        };
+                        if !e.cmd.record.state.is_final() {
                             self.cache
                                 .lock()
                                 .expect("cache lock")
-                                .insert(*id, x.clone());
+                                .insert(*id, e.clone());
                         }
-                        x
+                        e
                     }
                     None => return Ok(None),
                 },
             };
-            if !f(&mut c) {
+            let changed = f(&mut e.cmd);
+            let flush = e.unsaved && persist == Persist::Now;
+            if !changed && !flush {
                 return Ok(None);
             }
-            match self.store.update_command(&c, rev).await? {
+            if persist == Persist::Deferred {
+                debug_assert!(
+                    !e.cmd.record.state.is_final(),
+                    "final states are written now"
+                );
+                e.unsaved = true;
+                let record = e.cmd.record.clone();
+                self.cache.lock().expect("cache lock").insert(*id, e);
+                self.publish_event(&record).await;
+                return Ok(Some(record));
+            }
+            match self.store.update_command(&e.cmd, e.rev).await? {
                 Cas::Done(new_rev) => {
+                    let record = e.cmd.record.clone();
                     {
                         let mut cache = self.cache.lock().expect("cache lock");
-                        if c.record.state.is_final() {
+                        if record.state.is_final() {
                             cache.remove(id);
                         } else {
-                            cache.insert(*id, (c.clone(), new_rev));
+                            e.rev = new_rev;
+                            e.unsaved = false;
+                            cache.insert(*id, e);
                         }
                     }
-                    self.publish_event(&c.record).await;
-                    return Ok(Some(c.record));
+                    if !changed {
+                        return Ok(None);
+                    }
+                    self.publish_event(&record).await;
+                    return Ok(Some(record));
                 }
                 Cas::Conflict => {
+                    // Another writer's version wins; a deferred transition of ours
+                    // is dropped with the cached copy (ADR 0006).
                     self.cache.lock().expect("cache lock").remove(id);
                 }
             }
@@ -322,6 +405,37 @@ impl Hub {
         Err(StoreError::Kv(format!(
             "command {id}: too many conflicting updates"
         )))
+    }
+
+    /// Write a deferred transition of one command, if it still has one.
+    async fn flush(&self, id: &MsgId) {
+        let unsaved = self
+            .cache
+            .lock()
+            .expect("cache lock")
+            .get(id)
+            .is_some_and(|e| e.unsaved);
+        if !unsaved {
+            return;
+        }
+        if let Err(e) = self.update(id, Persist::Now, |_| false).await {
+            error!(command = %id, error = %e, "cannot record an ack");
+        }
+    }
+
+    /// Write every deferred transition (at shutdown).
+    async fn flush_all(&self) {
+        let ids: Vec<MsgId> = self
+            .cache
+            .lock()
+            .expect("cache lock")
+            .iter()
+            .filter(|(_, e)| e.unsaved)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.flush(&id).await;
+        }
     }
 
     async fn publish_event(&self, r: &CommandRecord) {
@@ -332,8 +446,14 @@ impl Hub {
     }
 
     /// One delivery attempt of the command at the front of a node's queue.
-    async fn deliver(&self, node: &str, id: MsgId) -> Delivery {
-        let Some((c, _)) = self.cache.lock().expect("cache lock").get(&id).cloned() else {
+    async fn deliver(self: &Arc<Self>, node: &str, id: MsgId) -> Delivery {
+        let Some(c) = self
+            .cache
+            .lock()
+            .expect("cache lock")
+            .get(&id)
+            .map(|e| e.cmd.clone())
+        else {
             return Delivery::Done;
         };
         if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
@@ -373,7 +493,7 @@ impl Hub {
     async fn failed_attempt(&self, id: &MsgId, problem: String) -> Delivery {
         let now = now_ms();
         let r = self
-            .update(id, |c| {
+            .update(id, Persist::Now, |c| {
                 if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
                     return false;
                 }
@@ -390,7 +510,7 @@ impl Hub {
         Delivery::Retry
     }
 
-    async fn on_ack(&self, node: &str, ack: Ack) -> Delivery {
+    async fn on_ack(self: &Arc<Self>, node: &str, ack: Ack) -> Delivery {
         let id = ack.command;
         let now = now_ms();
         let (state, note) = match &ack.kind {
@@ -402,8 +522,16 @@ impl Hub {
                     .await;
             }
         };
+        // Acceptance is written deferred: an outcome that follows soon carries it in
+        // its own write, and nothing waits for it (the next command to this unit is
+        // sent on the ACK, not on the write; ADR 0006). A refusal is final: now.
+        let persist = if state == CmdState::Accepted {
+            Persist::Deferred
+        } else {
+            Persist::Now
+        };
         let r = self
-            .update(&id, |c| {
+            .update(&id, persist, |c| {
                 if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
                     return false;
                 }
@@ -423,7 +551,16 @@ impl Hub {
             Ok(_) if state == CmdState::Rejected => {
                 warn!(node, command = %id, reason = %note, "unit rejected command")
             }
-            Ok(_) => debug!(node, command = %id, "command accepted"),
+            Ok(Some(_)) => {
+                debug!(node, command = %id, "command accepted");
+                let hub = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(ACCEPTED_WRITE_DELAY).await;
+                    hub.flush(&id).await;
+                });
+            }
+            // Its outcome is stored already.
+            Ok(None) => debug!(node, command = %id, "command accepted and finished"),
             // The unit has it either way; a later re-delivery is answered Duplicate.
             Err(e) => error!(command = %id, error = %e, "cannot record an ack"),
         }
@@ -433,7 +570,7 @@ impl Hub {
     async fn expire(&self, id: &MsgId) {
         let now = now_ms();
         let r = self
-            .update(id, |c| {
+            .update(id, Persist::Now, |c| {
                 if !matches!(c.record.state, CmdState::Queued | CmdState::Sent) {
                     return false;
                 }
@@ -461,8 +598,8 @@ impl Hub {
     /// The deadline of a queued command, if it is still waiting for delivery.
     fn deadline_of(&self, id: &MsgId) -> Option<u64> {
         let cache = self.cache.lock().expect("cache lock");
-        let (c, _) = cache.get(id)?;
-        matches!(c.record.state, CmdState::Queued | CmdState::Sent).then_some(c.record.deadline)
+        let r = &cache.get(id)?.cmd.record;
+        matches!(r.state, CmdState::Queued | CmdState::Sent).then_some(r.deadline)
     }
 
     async fn on_outcome(&self, msg: Message) {
@@ -479,7 +616,7 @@ impl Hub {
         let id = o.command;
         let now = now_ms();
         let r = self
-            .update(&id, |c| {
+            .update(&id, Persist::Now, |c| {
                 if c.record.node != node || c.record.outcome.is_some() {
                     return false;
                 }
@@ -493,19 +630,26 @@ impl Hub {
                 true
             })
             .await;
-        match r {
+        let finished = match r {
             Ok(Some(rec)) => {
                 info!(node, command = %id, method = %rec.method, domain = %rec.domain,
                       status = o.status.word(), exit = ?o.exit_code, "command finished");
-                self.record_last(&rec, &o).await;
+                Some(rec)
             }
             Ok(None) => match self.store.get_command(&id).await {
                 Ok(Some((c, _))) if c.record.node != node => {
                     warn!(node, command = %id, addressed_to = %c.record.node,
-                          "outcome from a unit the command was not for: ignored")
+                          "outcome from a unit the command was not for: ignored");
+                    None
                 }
-                Ok(Some(_)) => debug!(node, command = %id, "duplicate outcome"),
-                Ok(None) => warn!(node, command = %id, "outcome for an unknown command: ignored"),
+                Ok(Some(_)) => {
+                    debug!(node, command = %id, "duplicate outcome");
+                    None
+                }
+                Ok(None) => {
+                    warn!(node, command = %id, "outcome for an unknown command: ignored");
+                    None
+                }
                 Err(e) => {
                     error!(command = %id, error = %e, "cannot check an outcome; no receipt");
                     return;
@@ -516,33 +660,70 @@ impl Hub {
                 error!(command = %id, error = %e, "cannot store an outcome; no receipt");
                 return;
             }
-        }
+        };
+        // The outcome is stored (or was before): the unit may forget it.
         if let Some(reply) = msg.reply {
             let _ = self
                 .client
                 .publish(reply, Bytes::from(encode(&Receipt { command: id })))
                 .await;
         }
+        // Bookkeeping the receipt need not wait for: the command record holds the
+        // outcome, and a restarted hub redoes this from the records (`recover`).
+        if let Some(rec) = finished
+            && let Some(last) = last_of(&rec)
+        {
+            let key = last_key(&rec.node, &rec.method, &rec.domain);
+            self.record_last(key, last).await;
+        }
     }
 
     /// Keep the last outcome per (node, method, domain): the newest command wins,
-    /// whatever order outcomes arrive in.
-    async fn record_last(&self, rec: &CommandRecord, o: &Outcome) {
-        let key = last_key(&rec.node, &rec.method, &rec.domain);
-        match self.store.get_last(key.clone()).await {
-            Ok(Some(prev)) if prev.command > rec.id => return,
-            Err(e) => warn!(error = %e, "cannot read last outcome"),
-            _ => {}
+    /// whatever order outcomes arrive in. Compare-and-set on the key's revision, which
+    /// the hub remembers, so the usual case is one write and no read.
+    async fn record_last(&self, key: String, last: LastOutcome) {
+        for _ in 0..8 {
+            let known = self.last.lock().expect("last lock").get(&key).copied();
+            let stored = match known {
+                Some((newest, _)) if newest >= last.command => return,
+                Some((_, rev)) => self.store.update_last(&key, &last, rev).await,
+                // Not known here: most likely a new key, so try to create it.
+                None => match self.store.create_last(&key, &last).await {
+                    Ok(None) => match self.store.get_last(&key).await {
+                        Ok(Some((prev, rev))) => {
+                            self.remember_last(&key, prev.command, rev);
+                            continue;
+                        }
+                        Ok(None) => continue,
+                        Err(e) => Err(e),
+                    },
+                    Ok(Some(rev)) => Ok(Cas::Done(rev)),
+                    Err(e) => Err(e),
+                },
+            };
+            match stored {
+                Ok(Cas::Done(rev)) => return self.remember_last(&key, last.command, rev),
+                Ok(Cas::Conflict) => {
+                    self.last.lock().expect("last lock").remove(&key);
+                }
+                Err(e) => {
+                    self.last.lock().expect("last lock").remove(&key);
+                    return warn!(key, error = %e, "cannot store last outcome");
+                }
+            }
         }
-        let last = LastOutcome {
-            command: rec.id,
-            status: o.status.clone(),
-            exit_code: o.exit_code,
-            finished_at: rec.finished_at.unwrap_or(0),
-        };
-        if let Err(e) = self.store.put_last(key, &last).await {
-            warn!(error = %e, "cannot store last outcome");
+        warn!(
+            key,
+            "cannot store last outcome: too many conflicting writes"
+        );
+    }
+
+    fn remember_last(&self, key: &str, command: MsgId, rev: u64) {
+        let mut last = self.last.lock().expect("last lock");
+        if last.len() >= LAST_CACHE && !last.contains_key(key) {
+            last.clear();
         }
+        last.insert(key.to_string(), (command, rev));
     }
 
     async fn on_hello(&self, msg: Message) {
@@ -685,10 +866,14 @@ impl Hub {
             .map_err(|e| e.to_string())?
         {
             Some(rev) => {
-                self.cache
-                    .lock()
-                    .expect("cache lock")
-                    .insert(cmd.id, (stored, rev));
+                self.cache.lock().expect("cache lock").insert(
+                    cmd.id,
+                    Cached {
+                        cmd: stored,
+                        rev,
+                        unsaved: false,
+                    },
+                );
                 info!(node = %cmd.to, command = %cmd.id, method = %record.method, domain = %record.domain, "command queued");
                 self.publish_event(&record).await;
                 self.enqueue(&cmd.to, now, cmd.id).await;
@@ -708,8 +893,8 @@ impl Hub {
 
     async fn api_show(&self, payload: &[u8]) -> Result<CommandRecord, String> {
         let req: ShowRequest = decode(payload).map_err(|e| format!("bad show request: {e}"))?;
-        if let Some((c, _)) = self.cache.lock().expect("cache lock").get(&req.id) {
-            return Ok(c.record.clone());
+        if let Some(e) = self.cache.lock().expect("cache lock").get(&req.id) {
+            return Ok(e.cmd.record.clone());
         }
         match self.store.get_command(&req.id).await {
             Ok(Some((c, _))) => Ok(c.record),
@@ -721,8 +906,8 @@ impl Hub {
     fn api_nodes(&self) -> Vec<NodeView> {
         let now = now_ms();
         let mut pending: HashMap<String, u32> = HashMap::new();
-        for (c, _) in self.cache.lock().expect("cache lock").values() {
-            *pending.entry(c.record.node.clone()).or_default() += 1;
+        for e in self.cache.lock().expect("cache lock").values() {
+            *pending.entry(e.cmd.record.node.clone()).or_default() += 1;
         }
         let nodes = self.nodes.lock().expect("nodes lock");
         let mut out: Vec<NodeView> = nodes
@@ -771,6 +956,17 @@ impl Hub {
     }
 }
 
+/// What the last-outcome bucket keeps of a finished command.
+fn last_of(r: &CommandRecord) -> Option<LastOutcome> {
+    let o = r.outcome.as_ref()?;
+    Some(LastOutcome {
+        command: r.id,
+        status: o.status.clone(),
+        exit_code: o.exit_code,
+        finished_at: r.finished_at.unwrap_or(0),
+    })
+}
+
 fn respond<T: Serialize>(r: Result<T, String>) -> Vec<u8> {
     encode(&match r {
         Ok(v) => ApiReply::Ok(v),
@@ -792,12 +988,18 @@ async fn node_loop(hub: Arc<Hub>, node: String, mut rx: mpsc::Receiver<NodeMsg>)
     let mut queue: BTreeSet<(u64, MsgId)> = BTreeSet::new();
     let mut backoff = BACKOFF_MIN;
     let mut next_try = Instant::now();
+    // The earliest deadline in the queue; 0 asks for a scan (something was added).
+    // The queue is scanned only when a deadline may have passed or it grew, not on
+    // every command: a long queue to one unit costs O(n) per scan.
+    let mut earliest = 0;
     let apply = |m: NodeMsg,
                  q: &mut BTreeSet<(u64, MsgId)>,
                  next: &mut Instant,
-                 b: &mut Duration| match m {
+                 b: &mut Duration,
+                 e: &mut u64| match m {
         NodeMsg::Enqueue(at, id) => {
             q.insert((at, id));
+            *e = 0;
         }
         NodeMsg::Kick => {
             *next = Instant::now();
@@ -806,26 +1008,32 @@ async fn node_loop(hub: Arc<Hub>, node: String, mut rx: mpsc::Receiver<NodeMsg>)
     };
     loop {
         while let Ok(m) = rx.try_recv() {
-            apply(m, &mut queue, &mut next_try, &mut backoff);
+            apply(m, &mut queue, &mut next_try, &mut backoff, &mut earliest);
         }
-        // Drop what is no longer waiting; expire what is past its deadline.
+        // Drop what is no longer waiting; expire what is past its deadline. (The
+        // front is checked again by `deliver`.)
         let now = now_ms();
-        let mut earliest = u64::MAX;
-        for key @ (_, id) in queue.clone() {
-            match hub.deadline_of(&id) {
-                None => {
-                    queue.remove(&key);
-                }
+        if now >= earliest {
+            earliest = u64::MAX;
+            let mut expired = Vec::new();
+            queue.retain(|&(_, id)| match hub.deadline_of(&id) {
+                None => false,
                 Some(d) if now > d => {
-                    hub.expire(&id).await;
-                    queue.remove(&key);
+                    expired.push(id);
+                    false
                 }
-                Some(d) => earliest = earliest.min(d),
+                Some(d) => {
+                    earliest = earliest.min(d);
+                    true
+                }
+            });
+            for id in expired {
+                hub.expire(&id).await;
             }
         }
         let Some(&front @ (_, front_id)) = queue.first() else {
             match rx.recv().await {
-                Some(m) => apply(m, &mut queue, &mut next_try, &mut backoff),
+                Some(m) => apply(m, &mut queue, &mut next_try, &mut backoff, &mut earliest),
                 None => return,
             }
             continue;
@@ -835,7 +1043,7 @@ async fn node_loop(hub: Arc<Hub>, node: String, mut rx: mpsc::Receiver<NodeMsg>)
             let wake = next_try.min(Instant::now() + until_deadline);
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(m) => apply(m, &mut queue, &mut next_try, &mut backoff),
+                    Some(m) => apply(m, &mut queue, &mut next_try, &mut backoff, &mut earliest),
                     None => return,
                 },
                 _ = tokio::time::sleep_until(wake) => {}

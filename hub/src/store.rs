@@ -190,22 +190,47 @@ impl Store {
         Ok(out)
     }
 
-    pub async fn put_last(&self, key: String, l: &LastOutcome) -> Result<(), StoreError> {
-        self.last
-            .put(key, Bytes::from(encode(l)))
-            .await
-            .map(|_| ())
-            .map_err(kv_err)
+    /// Write the first last outcome of a key; `Ok(None)` when the key exists.
+    pub async fn create_last(&self, key: &str, l: &LastOutcome) -> Result<Option<u64>, StoreError> {
+        match self.last.create(key, Bytes::from(encode(l))).await {
+            Ok(rev) => Ok(Some(rev)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(kv_err(e)),
+        }
     }
 
-    pub async fn get_last(&self, key: String) -> Result<Option<LastOutcome>, StoreError> {
-        match self.last.get(key.clone()).await.map_err(kv_err)? {
-            None => Ok(None),
-            Some(v) => decode(&v).map(Some).map_err(|source| StoreError::Decode {
-                bucket: "last".into(),
-                key,
-                source,
-            }),
+    /// Replace a key's last outcome if it is still at `revision`.
+    pub async fn update_last(
+        &self,
+        key: &str,
+        l: &LastOutcome,
+        revision: u64,
+    ) -> Result<Cas, StoreError> {
+        match self
+            .last
+            .update(key, Bytes::from(encode(l)), revision)
+            .await
+        {
+            Ok(rev) => Ok(Cas::Done(rev)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Cas::Conflict),
+            Err(e) => Err(kv_err(e)),
         }
+    }
+
+    /// A key's last outcome and its revision.
+    pub async fn get_last(&self, key: &str) -> Result<Option<(LastOutcome, u64)>, StoreError> {
+        let Some(entry) = self.last.entry(key).await.map_err(kv_err)? else {
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        decode(&entry.value)
+            .map(|l| Some((l, entry.revision)))
+            .map_err(|source| StoreError::Decode {
+                bucket: "last".into(),
+                key: key.into(),
+                source,
+            })
     }
 }
