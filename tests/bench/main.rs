@@ -5,6 +5,7 @@
 //! against the seed's CBOR and JSON, and the agent's footprint. Writes the table to
 //! docs/benchmarks.md (or --out).
 
+mod floor;
 mod sim;
 mod wire_size;
 
@@ -25,6 +26,16 @@ struct Opts {
     quick: bool,
     out: String,
     fanouts: Vec<usize>,
+    /// `--only wire,seq,pipe,fan,agent`: run these sections only (for profiling).
+    only: Option<Vec<String>>,
+}
+
+impl Opts {
+    fn runs(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| s == section))
+    }
 }
 
 fn opts() -> Opts {
@@ -40,10 +51,16 @@ fn opts() -> Opts {
     } else {
         vec![1_000, 10_000]
     };
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').map(str::to_string).collect());
     Opts {
         quick,
         out,
         fanouts,
+        only,
     }
 }
 
@@ -78,6 +95,40 @@ fn cpu_ticks(pid: u32) -> u64 {
             Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
         })
         .unwrap_or(0)
+}
+
+/// CPU time used so far (in clock ticks of 10 ms) by the hub, the broker, and this
+/// process (simulated units and the driver): where a figure's time goes, independent
+/// of how long it waited.
+#[derive(Clone, Copy)]
+struct Cpu {
+    hub: u64,
+    broker: u64,
+    bench: u64,
+}
+
+impl Cpu {
+    fn now(hub: u32, broker: u32) -> Cpu {
+        Cpu {
+            hub: cpu_ticks(hub),
+            broker: cpu_ticks(broker),
+            bench: cpu_ticks(std::process::id()),
+        }
+    }
+
+    /// A note: CPU per command since `self`.
+    fn per_command(&self, hub: u32, broker: u32, what: &str, n: usize) -> String {
+        let later = Cpu::now(hub, broker);
+        let us = |a: u64, b: u64| (b.saturating_sub(a) * 10_000) as f64 / n as f64;
+        let line = format!(
+            "CPU per command, {what}: hub {:.0} µs, broker {:.0} µs, simulated units and driver {:.0} µs ({n} commands, 10 ms ticks)",
+            us(self.hub, later.hub),
+            us(self.broker, later.broker),
+            us(self.bench, later.bench),
+        );
+        println!("{line}");
+        line
+    }
 }
 
 /// Result lines of the report.
@@ -144,6 +195,56 @@ async fn bare_pipelined(a: &Client, b: &Client, n: usize, inflight: usize) -> Re
         })
         .await;
     responder.abort();
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// A bucket configured as the hub's (file storage, history 1), for the KV baselines.
+async fn bare_kv(c: &Client) -> Result<async_nats::jetstream::kv::Store> {
+    let js = async_nats::jetstream::new(c.clone());
+    Ok(js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "bench-kv".into(),
+            history: 1,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?)
+}
+
+/// JetStream KV puts of a command record's size, awaited one by one: latency.
+async fn bare_kv_sequential(
+    kv: &async_nats::jetstream::kv::Store,
+    n: usize,
+) -> Result<Vec<Duration>> {
+    let value = Bytes::from(vec![0u8; 256]);
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        kv.put(format!("seq.{i}"), value.clone()).await?;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    Ok(lat)
+}
+
+/// JetStream KV puts, `inflight` at a time: per second.
+async fn bare_kv_pipelined(
+    kv: &async_nats::jetstream::kv::Store,
+    n: usize,
+    inflight: usize,
+) -> Result<f64> {
+    let value = Bytes::from(vec![0u8; 256]);
+    let t0 = Instant::now();
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let (kv, v) = (kv.clone(), value.clone());
+            async move { kv.put(format!("pipe.{i}"), v).await }
+        })
+        .buffer_unordered(inflight)
+        .for_each(|r| async move {
+            r.expect("bare kv put");
+        })
+        .await;
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
@@ -269,7 +370,7 @@ async fn main() -> Result<()> {
     );
 
     // 1. Wire size.
-    for w in wire_size::rows() {
+    for w in wire_size::rows().into_iter().filter(|_| o.runs("wire")) {
         let (seed, json) = (w.seed, w.json);
         let ratio = if seed > 0 {
             format!(
@@ -296,89 +397,157 @@ async fn main() -> Result<()> {
         r.notes.push(format!("wire: {}: {}", w.what, w.note));
     }
 
+    // Work per command that the bare baselines do not have, timed alone.
+    if o.runs("floor") {
+        let fl = floor::measure(if o.quick { 500 } else { 2_000 })?;
+        r.row(
+            "per command, alone: hub signs / unit verifies",
+            format!("{:.1} µs / {:.1} µs", fl.sign_us, fl.verify_us),
+            "-".into(),
+            "-".into(),
+            "",
+        );
+        r.row(
+            "per command, alone: unit state dir (tmpfs)",
+            format!("{:.1} µs", fl.state_dir_us),
+            "-".into(),
+            "-".into(),
+            "",
+        );
+    }
+
     let f = Fleet::start().await?;
     let hub_pid = f.hub.as_ref().and_then(|h| h.pid()).context("hub pid")?;
+    let nats_pid = f
+        .nats
+        .as_ref()
+        .and_then(|n| n.pid())
+        .context("broker pid")?;
     let s = Subjects::default();
     let a = sim::connect(&f).await?;
     let b = sim::connect(&f).await?;
     let op = sim::connect(&f).await?;
 
     // 2. Round trip, sequential.
-    let n_seq = if o.quick { 300 } else { 1000 };
-    let (bare_lat, bare_rate) = bare_sequential(&a, &b, n_seq).await?;
-    let one = sim::start(&f, "seq", 1, 1).await?;
-    for _ in 0..20 {
-        outpost_one(&op, &s, &one.names[0]).await?; // warm-up
+    if o.runs("seq") {
+        let n_seq = if o.quick { 300 } else { 1000 };
+        let (bare_lat, bare_rate) = bare_sequential(&a, &b, n_seq).await?;
+        let kv_lat = bare_kv_sequential(&bare_kv(&a).await?, n_seq).await?;
+        let one = sim::start(&f, "seq", 1, 1).await?;
+        for _ in 0..20 {
+            outpost_one(&op, &s, &one.names[0]).await?; // warm-up
+        }
+        let mut lat = Vec::new();
+        let cpu = Cpu::now(hub_pid, nats_pid);
+        let t0 = Instant::now();
+        let n_out = n_seq / 3;
+        for _ in 0..n_out {
+            lat.push(outpost_one(&op, &s, &one.names[0]).await?);
+        }
+        let out_rate = n_out as f64 / t0.elapsed().as_secs_f64();
+        r.notes
+            .push(cpu.per_command(hub_pid, nats_pid, "round trip sequential", n_out));
+        lat.sort();
+        r.row(
+            "round trip sequential: p50",
+            ms(pct(&lat, 0.5)),
+            ms(pct(&bare_lat, 0.5)),
+            format!(
+                "{:.1}×",
+                pct(&lat, 0.5).as_secs_f64() / pct(&bare_lat, 0.5).as_secs_f64()
+            ),
+            "≤ 4× bare p50",
+        );
+        r.row(
+            "round trip sequential: p99",
+            ms(pct(&lat, 0.99)),
+            ms(pct(&bare_lat, 0.99)),
+            format!(
+                "{:.1}×",
+                pct(&lat, 0.99).as_secs_f64() / pct(&bare_lat, 0.99).as_secs_f64()
+            ),
+            "",
+        );
+        r.row(
+            "JetStream KV put, awaited one by one: p50",
+            ms(pct(&kv_lat, 0.5)),
+            ms(pct(&bare_lat, 0.5)),
+            format!(
+                "{:.1}×",
+                pct(&kv_lat, 0.5).as_secs_f64() / pct(&bare_lat, 0.5).as_secs_f64()
+            ),
+            "",
+        );
+        r.row(
+            "round trip sequential: per second",
+            format!("{out_rate:.0}/s"),
+            format!("{bare_rate:.0}/s"),
+            format!("{:.2}×", out_rate / bare_rate),
+            "",
+        );
+        drop(one);
     }
-    let mut lat = Vec::new();
-    let t0 = Instant::now();
-    let n_out = n_seq / 3;
-    for _ in 0..n_out {
-        lat.push(outpost_one(&op, &s, &one.names[0]).await?);
-    }
-    let out_rate = n_out as f64 / t0.elapsed().as_secs_f64();
-    lat.sort();
-    r.row(
-        "round trip sequential: p50",
-        ms(pct(&lat, 0.5)),
-        ms(pct(&bare_lat, 0.5)),
-        format!(
-            "{:.1}×",
-            pct(&lat, 0.5).as_secs_f64() / pct(&bare_lat, 0.5).as_secs_f64()
-        ),
-        "≤ 4× bare p50",
-    );
-    r.row(
-        "round trip sequential: p99",
-        ms(pct(&lat, 0.99)),
-        ms(pct(&bare_lat, 0.99)),
-        format!(
-            "{:.1}×",
-            pct(&lat, 0.99).as_secs_f64() / pct(&bare_lat, 0.99).as_secs_f64()
-        ),
-        "",
-    );
-    r.row(
-        "round trip sequential: per second",
-        format!("{out_rate:.0}/s"),
-        format!("{bare_rate:.0}/s"),
-        format!("{:.2}×", out_rate / bare_rate),
-        "",
-    );
-    drop(one);
 
     // 3. Round trip, pipelined: 64 in flight (64 units, one command each at a time).
-    let inflight = 64;
-    let n_pipe = if o.quick { 2_000 } else { 10_000 };
-    let bare_pipe = bare_pipelined(&a, &b, n_pipe * 5, inflight).await?;
-    let units = sim::start(&f, "pipe", inflight, 16).await?;
-    let per = n_pipe / inflight;
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for name in units.names.clone() {
-        let (op, s) = (op.clone(), s.clone());
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..per {
-                outpost_one(&op, &s, &name).await?;
-            }
-            anyhow::Ok(())
-        }));
+    if o.runs("pipe") {
+        let inflight = 64;
+        let n_pipe = if o.quick { 2_000 } else { 10_000 };
+        let cpu = Cpu::now(hub_pid, nats_pid);
+        let bare_pipe = bare_pipelined(&a, &b, n_pipe * 5, inflight).await?;
+        r.notes.push(cpu.per_command(
+            hub_pid,
+            nats_pid,
+            "bare request/reply pipelined (per exchange)",
+            n_pipe * 5,
+        ));
+        let kv = bare_kv(&a).await?;
+        let cpu = Cpu::now(hub_pid, nats_pid);
+        let kv_pipe = bare_kv_pipelined(&kv, n_pipe * 2, inflight).await?;
+        r.notes.push(cpu.per_command(
+            hub_pid,
+            nats_pid,
+            "bare JetStream KV put pipelined (per put)",
+            n_pipe * 2,
+        ));
+        let units = sim::start(&f, "pipe", inflight, 16).await?;
+        let per = n_pipe / inflight;
+        let cpu = Cpu::now(hub_pid, nats_pid);
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for name in units.names.clone() {
+            let (op, s) = (op.clone(), s.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..per {
+                    outpost_one(&op, &s, &name).await?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let pipe_rate = (per * inflight) as f64 / t0.elapsed().as_secs_f64();
+        r.notes
+            .push(cpu.per_command(hub_pid, nats_pid, "round trip pipelined", per * inflight));
+        r.row(
+            "round trip pipelined (64 in flight): per second",
+            format!("{pipe_rate:.0}/s"),
+            format!("{bare_pipe:.0}/s"),
+            format!("{:.2}×", pipe_rate / bare_pipe),
+            "≥ 0.25× bare",
+        );
+        r.row(
+            "JetStream KV puts (64 in flight): per second",
+            format!("{kv_pipe:.0}/s"),
+            format!("{bare_pipe:.0}/s"),
+            format!("{:.2}×", kv_pipe / bare_pipe),
+            "",
+        );
+        drop(units);
     }
-    for t in tasks {
-        t.await??;
-    }
-    let pipe_rate = (per * inflight) as f64 / t0.elapsed().as_secs_f64();
-    r.row(
-        "round trip pipelined (64 in flight): per second",
-        format!("{pipe_rate:.0}/s"),
-        format!("{bare_pipe:.0}/s"),
-        format!("{:.2}×", pipe_rate / bare_pipe),
-        "≥ 0.25× bare",
-    );
-    drop(units);
 
     // 4. Fan-out, and hub memory per idle unit.
-    for &n in &o.fanouts {
+    for &n in o.fanouts.iter().filter(|_| o.runs("fan")) {
         let bare = bare_fanout(&f, n, 100).await?;
         let rss0 = rss_kib(hub_pid);
         let fleet = sim::start(&f, &format!("fan{n}"), n, n.div_ceil(100)).await?;
@@ -399,7 +568,10 @@ async fn main() -> Result<()> {
         .await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss1 = rss_kib(hub_pid);
+        let cpu = Cpu::now(hub_pid, nats_pid);
         let t = outpost_fanout(&op, &s, &fleet.names).await?;
+        r.notes
+            .push(cpu.per_command(hub_pid, nats_pid, &format!("fan-out to {n} units"), n));
         r.row(
             &format!("fan-out to {n} units: all outcomes stored"),
             ms(t),
@@ -426,73 +598,75 @@ async fn main() -> Result<()> {
     drop(f);
 
     // 5. Agent footprint: a real native agent.
-    let mut f = Fleet::start().await?;
-    f.start_agent(
-        "footprint",
-        &AgentOpts {
-            hello_interval_s: 15,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let pid = f.agents["footprint"].pid().context("agent pid")?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let idle = rss_kib(pid);
-    let secs = if o.quick { 20 } else { 60 };
-    let c0 = cpu_ticks(pid);
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let idle_cpu_ms = (cpu_ticks(pid) - c0) * 1000 / 100;
-    let mut peak = idle;
-    for _ in 0..200 {
-        f.exec("footprint", &["true"]).await?;
-        peak = peak.max(rss_kib(pid));
-    }
-    r.row(
-        &format!(
-            "agent idle RSS (native x86_64 glibc, `{}` profile)",
-            outpost_tests::bin_dir()
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        ),
-        format!("{:.2} MiB", idle as f64 / 1024.0),
-        "-".into(),
-        "-".into(),
-        "≤ 4 MiB",
-    );
-    r.row(
-        "agent RSS under a 200-command stream (peak)",
-        format!("{:.2} MiB", peak as f64 / 1024.0),
-        "-".into(),
-        "-".into(),
-        "",
-    );
-    r.row(
-        &format!("agent CPU while idle for {secs} s"),
-        format!("{idle_cpu_ms} ms"),
-        "-".into(),
-        "-".into(),
-        "",
-    );
-    for (triple, budget) in [
-        ("aarch64-unknown-linux-musl", "≤ 2.5 MiB"),
-        ("armv7-unknown-linux-musleabihf", ""),
-        ("arm-unknown-linux-musleabihf", ""),
-    ] {
-        let p = outpost_tests::bin_dir()
-            .parent()
-            .map(|t| t.join("arm").join(triple).join("outpost-edge"));
-        if let Some(size) = p.and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()) {
-            r.row(
-                &format!("agent binary {triple}"),
-                format!("{:.2} MiB", size as f64 / 1048576.0),
-                "-".into(),
-                "-".into(),
-                budget,
-            );
+    if o.runs("agent") {
+        let mut f = Fleet::start().await?;
+        f.start_agent(
+            "footprint",
+            &AgentOpts {
+                hello_interval_s: 15,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let pid = f.agents["footprint"].pid().context("agent pid")?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let idle = rss_kib(pid);
+        let secs = if o.quick { 20 } else { 60 };
+        let c0 = cpu_ticks(pid);
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let idle_cpu_ms = (cpu_ticks(pid) - c0) * 1000 / 100;
+        let mut peak = idle;
+        for _ in 0..200 {
+            f.exec("footprint", &["true"]).await?;
+            peak = peak.max(rss_kib(pid));
         }
+        r.row(
+            &format!(
+                "agent idle RSS (native x86_64 glibc, `{}` profile)",
+                outpost_tests::bin_dir()
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            ),
+            format!("{:.2} MiB", idle as f64 / 1024.0),
+            "-".into(),
+            "-".into(),
+            "≤ 4 MiB",
+        );
+        r.row(
+            "agent RSS under a 200-command stream (peak)",
+            format!("{:.2} MiB", peak as f64 / 1024.0),
+            "-".into(),
+            "-".into(),
+            "",
+        );
+        r.row(
+            &format!("agent CPU while idle for {secs} s"),
+            format!("{idle_cpu_ms} ms"),
+            "-".into(),
+            "-".into(),
+            "",
+        );
+        for (triple, budget) in [
+            ("aarch64-unknown-linux-musl", "≤ 2.5 MiB"),
+            ("armv7-unknown-linux-musleabihf", ""),
+            ("arm-unknown-linux-musleabihf", ""),
+        ] {
+            let p = outpost_tests::bin_dir()
+                .parent()
+                .map(|t| t.join("arm").join(triple).join("outpost-edge"));
+            if let Some(size) = p.and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()) {
+                r.row(
+                    &format!("agent binary {triple}"),
+                    format!("{:.2} MiB", size as f64 / 1048576.0),
+                    "-".into(),
+                    "-".into(),
+                    budget,
+                );
+            }
+        }
+        drop(f);
     }
-    drop(f);
 
     write_report(&o, &r, started.elapsed())?;
     Ok(())
