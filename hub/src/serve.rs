@@ -631,11 +631,7 @@ impl Hub {
             })
             .await;
         let finished = match r {
-            Ok(Some(rec)) => {
-                info!(node, command = %id, method = %rec.method, domain = %rec.domain,
-                      status = o.status.word(), exit = ?o.exit_code, "command finished");
-                Some(rec)
-            }
+            Ok(Some(rec)) => Some(rec),
             Ok(None) => match self.store.get_command(&id).await {
                 Ok(Some((c, _))) if c.record.node != node => {
                     warn!(node, command = %id, addressed_to = %c.record.node,
@@ -670,6 +666,10 @@ impl Hub {
         }
         // Bookkeeping the receipt need not wait for: the command record holds the
         // outcome, and a restarted hub redoes this from the records (`recover`).
+        if let Some(rec) = &finished {
+            info!(node, command = %id, method = %rec.method, domain = %rec.domain,
+                  status = o.status.word(), exit = ?o.exit_code, "command finished");
+        }
         if let Some(rec) = finished
             && let Some(last) = last_of(&rec)
         {
@@ -874,9 +874,10 @@ impl Hub {
                         unsaved: false,
                     },
                 );
-                info!(node = %cmd.to, command = %cmd.id, method = %record.method, domain = %record.domain, "command queued");
                 self.publish_event(&record).await;
                 self.enqueue(&cmd.to, now, cmd.id).await;
+                // Logged once the delivery task has it: a log line is a write(2).
+                info!(node = %cmd.to, command = %cmd.id, method = %record.method, domain = %record.domain, "command queued");
                 Ok(record)
             }
             None => match self
