@@ -167,6 +167,68 @@ pub async fn nodes(client: &Client, subjects: &Subjects) -> anyhow::Result<Vec<N
     call(client, subjects, "nodes", &NodesRequest {}).await
 }
 
+/// What `wait-online` waits for.
+#[derive(Debug, Clone, Default)]
+pub struct OnlineWant {
+    /// The agent must report exactly this version.
+    pub agent_version: Option<String>,
+    /// Its agent process must have started at or after this time (the unit's clock,
+    /// ms since the epoch): a hello from before a restart does not count.
+    pub started_after: Option<u64>,
+}
+
+/// Why a unit's view does not (yet) satisfy `want`; None when it does.
+pub fn online_gap(n: Option<&NodeView>, want: &OnlineWant) -> Option<String> {
+    let Some(n) = n else {
+        return Some("it has never said hello".into());
+    };
+    if !n.online {
+        return Some(format!(
+            "it is offline (last seen {})",
+            ago(n.last_seen, now_ms())
+        ));
+    }
+    if let Some(v) = &want.agent_version
+        && &n.agent_version != v
+    {
+        return Some(format!("it runs agent {}, not {v}", n.agent_version));
+    }
+    if let Some(t) = want.started_after
+        && n.agent_started_at < t
+    {
+        return Some(format!(
+            "its agent started at {} ms, before {t} ms (no hello since the restart yet)",
+            n.agent_started_at
+        ));
+    }
+    None
+}
+
+/// Poll the hub until `node` is online as wanted (`Ok(Ok(view))`), or `limit` passes
+/// (`Ok(Err(what the hub sees))`); `Err` when the hub cannot be asked.
+pub async fn wait_online(
+    client: &Client,
+    subjects: &Subjects,
+    node: &str,
+    want: &OnlineWant,
+    limit: Duration,
+) -> anyhow::Result<Result<NodeView, String>> {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        let all = nodes(client, subjects).await?;
+        let view = all.iter().find(|n| n.name == node);
+        match online_gap(view, want) {
+            None => return Ok(Ok(view.expect("a gap-free view exists").clone())),
+            Some(why) if tokio::time::Instant::now() >= end => {
+                return Ok(Err(format!(
+                    "{node} is not online as wanted after {limit:?}: {why}"
+                )));
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
 pub async fn show(
     client: &Client,
     subjects: &Subjects,
@@ -324,6 +386,26 @@ mod tests {
             labels: vec![("site".into(), "a".into())],
             pending: 2,
         };
+        let want = OnlineWant {
+            agent_version: Some("0.1.0".into()),
+            started_after: Some(1),
+        };
+        assert_eq!(online_gap(Some(&n), &want), None);
+        let newer = OnlineWant {
+            agent_version: Some("0.2.0".into()),
+            ..want.clone()
+        };
+        assert!(online_gap(Some(&n), &newer).unwrap().contains("not 0.2.0"));
+        let later = OnlineWant {
+            started_after: Some(2),
+            ..want.clone()
+        };
+        assert!(
+            online_gap(Some(&n), &later)
+                .unwrap()
+                .contains("no hello since")
+        );
+        assert!(online_gap(None, &want).unwrap().contains("never"));
         let t = nodes_table(&[n]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("NAME"));

@@ -37,6 +37,30 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Wait until a unit is online, optionally with a given agent version and a hello
+    /// from after a restart: what deploy tools run after upgrading an agent.
+    #[command(
+        after_help = "Exit status: 0 once the unit is online as asked; 1 when the \
+time runs out (the message says what the hub sees); 255 outpost could not ask.\n\n\
+Example (after restarting the agent at unix time T ms):\n  \
+outpost-hub wait-online pi-17 --agent-version 0.2.0 --started-after T --timeout 2m"
+    )]
+    WaitOnline {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The unit.
+        node: String,
+        /// The agent version it must report.
+        #[arg(long)]
+        agent_version: Option<String>,
+        /// Its agent must have started at or after this time (ms since the epoch, the
+        /// unit's clock), e.g. just before it was restarted.
+        #[arg(long, value_name = "MS")]
+        started_after: Option<u64>,
+        /// How long to wait.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Show one command: its state, attempts, outcome and output.
     Show {
         #[command(flatten)]
@@ -355,6 +379,33 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 print!("{}", cli::nodes_table(&nodes));
             }
             Ok(0)
+        }
+        Cmd::WaitOnline {
+            nats,
+            node,
+            agent_version,
+            started_after,
+            timeout,
+        } => {
+            let client = nats.connect_once("outpost-hub wait-online").await?;
+            let want = cli::OnlineWant {
+                agent_version,
+                started_after,
+            };
+            let subjects = Subjects::new(&nats.prefix);
+            match cli::wait_online(&client, &subjects, &node, &want, timeout).await? {
+                Ok(n) => {
+                    println!(
+                        "{} is online with agent {} (started at {} ms)",
+                        n.name, n.agent_version, n.agent_started_at
+                    );
+                    Ok(0)
+                }
+                Err(why) => {
+                    eprintln!("outpost-hub: {why}");
+                    Ok(1)
+                }
+            }
         }
         Cmd::Show { nats, id, json } => {
             let client = nats.connect_once("outpost-hub show").await?;

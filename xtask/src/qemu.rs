@@ -409,20 +409,20 @@ fn copy_mode(from: &Path, to: &Path, mode: u32) -> Result<()> {
     set_mode(to, mode)
 }
 
-fn set_mode(p: &Path, mode: u32) -> Result<()> {
+pub(crate) fn set_mode(p: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
     Ok(())
 }
 
 /// FNV-1a: a stable fingerprint of the init script for the stamp.
-fn fnv(b: &[u8]) -> u64 {
+pub(crate) fn fnv(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf29ce484222325, |h, &x| {
         (h ^ x as u64).wrapping_mul(0x100000001b3)
     })
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     unsafe extern "C" {
         fn geteuid() -> u32;
     }

@@ -131,6 +131,14 @@ impl Proc {
         }
     }
 
+    /// Its exit status if it has exited (reaped), None while it runs.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("{} was already reaped", self.name),
+        }
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
