@@ -759,7 +759,7 @@ fn write_report(o: &Opts, r: &Report, took: Duration) -> Result<()> {
     }
     writeln!(
         md,
-        "\nBaselines: bare async-nats request/reply between two TLS clients on the same server (131-byte payload, the size of a signed command); a bare fan-out publishes to N subjects answered by responders on 100 connections. outpost's round trip is the operator's: `send` API call (command persisted), delivery, ACK, acceptance persisted, outcome, outcome persisted, receipt, the operator seeing the final event. Simulated units run the agent's real intake, state dir (on tmpfs) and outbox protocol with a fake executor, 100 to a connection.\n"
+        "\nBaselines: bare async-nats request/reply between two TLS clients on the same server (131-byte payload, the size of a signed command); a bare fan-out publishes to N subjects answered by responders on 100 connections. outpost's round trip is the operator's: `send` API call (command persisted), delivery, ACK, acceptance recorded (in the outcome's write when it follows within 100 ms, ADR 0006), outcome, outcome persisted, the operator seeing the final event, receipt. CPU per command: from /proc ticks of each process over the figure's run, so it does not depend on how long anything waited; on 2 shared cores the pipelined and fan-out figures are CPU-bound, and the simulated units' own work (signature check, crash-safe state dir) runs on the same cores. Simulated units run the agent's real intake, state dir (on tmpfs) and outbox protocol with a fake executor, 100 to a connection.\n"
     )?;
     for n in &r.notes {
         writeln!(md, "- {n}")?;
