@@ -636,10 +636,16 @@ async fn main() -> Result<()> {
     // 5. Agent footprint: a real native agent.
     if o.runs("agent") {
         let mut f = Fleet::start().await?;
+        // The firmware build (static musl, release-edge) when `cargo xtask bench` could
+        // make one for this CPU; else the glibc release build, labelled as such.
+        let firmware = std::env::var_os("OUTPOST_FIRMWARE_AGENT").map(std::path::PathBuf::from);
         f.start_agent(
             "footprint",
             &AgentOpts {
                 hello_interval_s: 15,
+                wrapper: firmware
+                    .as_ref()
+                    .map(|p| vec![p.to_string_lossy().into_owned()]),
                 ..Default::default()
             },
         )
@@ -656,14 +662,18 @@ async fn main() -> Result<()> {
             f.exec("footprint", &["true"]).await?;
             peak = peak.max(rss_kib(pid));
         }
-        r.row(
-            &format!(
-                "agent idle RSS (native x86_64 glibc, `{}` profile)",
+        let build = match &firmware {
+            Some(_) => "native x86_64 static musl, `release-edge` = the firmware build".to_string(),
+            None => format!(
+                "native x86_64 glibc, `{}` profile",
                 outpost_tests::bin_dir()
                     .file_name()
                     .map(|n| n.to_string_lossy())
                     .unwrap_or_default()
             ),
+        };
+        r.row(
+            &format!("agent idle RSS ({build})"),
             format!("{:.2} MiB", idle as f64 / 1024.0),
             "-".into(),
             "-".into(),
