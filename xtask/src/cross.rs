@@ -207,9 +207,12 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
         plan.push((t, route));
     }
     let tools = Tools::ensure(&plan)?;
-    let mut packages = vec!["-p", "outpost-edge"];
+    // One cargo per package: built together, cargo would unify the features of their
+    // shared dependencies and the agent would carry the hub's (a different, larger
+    // firmware, and a rebuild every time the set changes).
+    let mut packages = vec!["outpost-edge"];
     if args.hub {
-        packages.extend(["-p", "outpost-hub"]);
+        packages.push("outpost-hub");
     }
     // The version the agent reports: stamped, or the crate's (never an outer shell's).
     let stamp = |c: &mut Command| {
@@ -223,13 +226,15 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
     let rustup: Vec<_> = plan.iter().filter(|p| p.1 == Route::Rustup).collect();
     for &&(t, _) in &rustup {
         let t1 = Instant::now();
-        let mut c = cargo();
-        c.args(["build", "--profile", &args.profile])
-            .args(&packages)
-            .args(["--target", t.triple]);
-        stamp(&mut c);
-        run(&mut c)
-            .with_context(|| format!("building the agent for {} (rustup route)", t.triple))?;
+        for pkg in &packages {
+            let mut c = cargo();
+            c.args(["build", "--profile", &args.profile])
+                .args(["-p", pkg])
+                .args(["--target", t.triple]);
+            stamp(&mut c);
+            run(&mut c)
+                .with_context(|| format!("building {pkg} for {} (rustup route)", t.triple))?;
+        }
         let path = target_dir()
             .join(t.triple)
             .join(&args.profile)
@@ -250,33 +255,35 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
             .zig
             .as_ref()
             .expect("zig checked for the debian route");
-        let mut cmd = Command::new(DEBIAN_CARGO);
-        cmd.current_dir(root())
-            .args(["--config", ".cargo/cross-debian.toml", "build"])
-            .args(["--profile", &args.profile])
-            .args(&packages)
-            .env("RUSTC_BOOTSTRAP", "1")
-            .env("CARGO_TARGET_DIR", &dir)
-            .env("ZIG", zig)
-            // Whatever rustup or an outer cargo set must not pick the compiler.
-            .env_remove("RUSTC")
-            .env_remove("RUSTC_WRAPPER")
-            .env_remove("RUSTDOC");
-        for t in &debian {
-            cmd.args(["--target", t.triple]);
-        }
-        stamp(&mut cmd);
         let t1 = Instant::now();
-        run(&mut cmd).with_context(|| {
-            format!(
-                "building the agent for {} (debian route: rustc-web + build-std + zig)",
-                debian
-                    .iter()
-                    .map(|t| t.triple)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
+        for pkg in &packages {
+            let mut cmd = Command::new(DEBIAN_CARGO);
+            cmd.current_dir(root())
+                .args(["--config", ".cargo/cross-debian.toml", "build"])
+                .args(["--profile", &args.profile])
+                .args(["-p", pkg])
+                .env("RUSTC_BOOTSTRAP", "1")
+                .env("CARGO_TARGET_DIR", &dir)
+                .env("ZIG", zig)
+                // Whatever rustup or an outer cargo set must not pick the compiler.
+                .env_remove("RUSTC")
+                .env_remove("RUSTC_WRAPPER")
+                .env_remove("RUSTDOC");
+            for t in &debian {
+                cmd.args(["--target", t.triple]);
+            }
+            stamp(&mut cmd);
+            run(&mut cmd).with_context(|| {
+                format!(
+                    "building {pkg} for {} (debian route: rustc-web + build-std + zig)",
+                    debian
+                        .iter()
+                        .map(|t| t.triple)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+        }
         let took = t1.elapsed();
         for t in debian {
             let path = dir.join(t.triple).join(&args.profile).join("outpost-edge");
