@@ -27,6 +27,15 @@ pub enum StoreError {
     },
 }
 
+/// Create `key` with `value`: its revision, or `None` when the key exists already.
+async fn create_new(kv: &kv::Store, key: &str, value: Bytes) -> Result<Option<u64>, StoreError> {
+    match kv.create(key, value).await {
+        Ok(rev) => Ok(Some(rev)),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(kv_err(e)),
+    }
+}
+
 fn kv_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Kv(e.to_string())
 }
@@ -92,15 +101,7 @@ impl Store {
 
     /// Persist a new command; `Ok(None)` when the id exists already.
     pub async fn create_command(&self, c: &StoredCommand) -> Result<Option<u64>, StoreError> {
-        match self
-            .commands
-            .create(key(&c.record.id), Bytes::from(encode(c)))
-            .await
-        {
-            Ok(rev) => Ok(Some(rev)),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(kv_err(e)),
-        }
+        create_new(&self.commands, &key(&c.record.id), Bytes::from(encode(c))).await
     }
 
     pub async fn get_command(
@@ -192,11 +193,7 @@ impl Store {
 
     /// Write the first last outcome of a key; `Ok(None)` when the key exists.
     pub async fn create_last(&self, key: &str, l: &LastOutcome) -> Result<Option<u64>, StoreError> {
-        match self.last.create(key, Bytes::from(encode(l))).await {
-            Ok(rev) => Ok(Some(rev)),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(kv_err(e)),
-        }
+        create_new(&self.last, key, Bytes::from(encode(l))).await
     }
 
     /// Replace a key's last outcome if it is still at `revision`.

@@ -18,7 +18,7 @@
 //! when `CI` is set and skip with a message otherwise.
 
 use anyhow::{Context, Result, bail, ensure};
-use outpost_tests::{Proc, bin, free_port};
+use outpost_tests::{Proc, bin, free_port, which};
 use outpost_wire::api::NodeView;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -93,7 +93,7 @@ impl Prep {
             return Err("arm-upgrade/version is missing: run `cargo xtask ansible-prep`".into());
         }
         for tool in ["qemu-system-aarch64", "qemu-img", "ssh", "socat"] {
-            if !on_path(tool) {
+            if which(tool).is_none() {
                 return Err(format!(
                     "{tool} is not on PATH: `cargo xtask ansible-prep` installs it"
                 ));
@@ -103,21 +103,18 @@ impl Prep {
     }
 }
 
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(name).is_file()))
+fn prep() -> Option<Prep> {
+    outpost_tests::ready_or_skip("ansible", Prep::find())
 }
 
-fn prep() -> Option<Prep> {
-    match Prep::find() {
-        Ok(p) => Some(p),
-        Err(why) if std::env::var_os("CI").is_some() => {
-            panic!("ansible: cannot run in CI: {why}")
-        }
-        Err(why) => {
-            eprintln!("ansible: SKIPPED (CI is not set): {why}");
-            None
-        }
+impl Prep {
+    /// PATH with the venv first: ansible-playbook and ansible-lint find their own
+    /// helpers (ansible-galaxy, ansible-config) there.
+    fn path(&self) -> std::ffi::OsString {
+        let mut path = std::ffi::OsString::from(self.venv_bin.as_os_str());
+        path.push(":");
+        path.push(std::env::var_os("PATH").unwrap_or_default());
+        path
     }
 }
 
@@ -254,16 +251,13 @@ impl Deploy {
     fn playbook(&mut self, extra: &[&str]) -> Result<Run> {
         self.runs += 1;
         let log = self.dir.path().join(format!("playbook-{}.log", self.runs));
-        let mut path = std::ffi::OsString::from(self.p.venv_bin.as_os_str());
-        path.push(":");
-        path.push(std::env::var_os("PATH").unwrap_or_default());
         let mut cmd = Command::new(self.p.venv_bin.join("ansible-playbook"));
         cmd.current_dir(root().join("deploy/ansible"))
             .arg("-i")
             .arg(&self.inventory)
             .arg("site.yml")
             .args(extra)
-            .env("PATH", path)
+            .env("PATH", self.p.path())
             .env("ANSIBLE_HOME", self.dir.path().join("ansible-home"))
             // The same output with a timestamp per line: where the time goes.
             .env(
@@ -601,12 +595,9 @@ fn task_events(output: &str) -> Vec<(String, String)> {
 fn ansible_lint_is_clean() {
     let Some(p) = prep() else { return };
     let home = tempfile::tempdir().unwrap();
-    let mut path = std::ffi::OsString::from(p.venv_bin.as_os_str());
-    path.push(":");
-    path.push(std::env::var_os("PATH").unwrap_or_default());
     let o = Command::new(p.venv_bin.join("ansible-lint"))
         .current_dir(root().join("deploy/ansible"))
-        .env("PATH", path)
+        .env("PATH", p.path())
         .env("ANSIBLE_HOME", home.path())
         .env("NO_COLOR", "1")
         .output()

@@ -23,16 +23,7 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(90);
 
 fn image() -> Option<VmImage> {
-    match VmImage::find() {
-        Ok(i) => Some(i),
-        Err(why) if std::env::var_os("CI").is_some() => {
-            panic!("qemu_vm: the ARM64 VM cannot run in CI: {why}")
-        }
-        Err(why) => {
-            eprintln!("qemu_vm: SKIPPED (CI is not set): {why}");
-            None
-        }
-    }
+    outpost_tests::ready_or_skip("qemu_vm", VmImage::find())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

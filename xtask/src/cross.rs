@@ -10,6 +10,7 @@
 //!   compiles C and links against its own musl. Works for every target, from apt and
 //!   PyPI alone; slower (std is compiled too). Settings in `.cargo/cross-debian.toml`.
 
+use crate::qemu::is_root;
 use crate::{cargo, on_path, root, run, show, target_dir};
 use anyhow::{Context, Result, bail, ensure};
 use std::fmt::Write as _;
@@ -515,7 +516,7 @@ impl Tools {
             }
         }
         if !apt.is_empty() || !pip.is_empty() {
-            install(&apt, &pip)?;
+            install("the cross build", &apt, &pip)?;
         }
 
         let mut tools = Tools {
@@ -615,7 +616,7 @@ fn find_zig() -> Option<PathBuf> {
 }
 
 /// Install apt and PyPI packages, but only as root or in CI; elsewhere say how.
-fn install(apt: &[&str], pip: &[&str]) -> Result<()> {
+pub(crate) fn install(what: &str, apt: &[&str], pip: &[&str]) -> Result<()> {
     let root = is_root();
     let ci = std::env::var_os("CI").is_some();
     let apt_get = || {
@@ -646,7 +647,7 @@ fn install(apt: &[&str], pip: &[&str]) -> Result<()> {
     let listing = cmds.iter().map(show).collect::<Vec<_>>().join("\n  ");
     if !root && !ci {
         bail!(
-            "missing tools for the cross build ({}); install them with:\n  {listing}\n(cargo xtask cross installs them itself when run as root or with CI set)",
+            "missing tools for {what} ({}); install them with:\n  {listing}\n(cargo xtask installs them itself when run as root or with CI set)",
             apt.iter()
                 .chain(pip)
                 .copied()
@@ -658,15 +659,6 @@ fn install(apt: &[&str], pip: &[&str]) -> Result<()> {
         run(&mut c)?;
     }
     Ok(())
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid(2) has no preconditions and cannot fail.
-    unsafe { geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    fn geteuid() -> u32;
 }
 
 /// Is rustup's std for `triple` installed? If not, try `rustup target add` once, under

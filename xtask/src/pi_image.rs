@@ -16,9 +16,9 @@
 //! bookworm, systemd, hostname `raspberrypi`, user `pi` with passwordless sudo in
 //! `/etc/sudoers.d/010_pi-nopasswd`. Root has no password; SSH by key only.
 
-use crate::qemu::{fnv, is_root};
-use crate::{on_path, run, show, target_dir};
-use anyhow::{Context, Result, bail};
+use crate::qemu::fnv;
+use crate::{on_path, run, target_dir};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -243,22 +243,7 @@ fn ensure_tools() -> Result<()> {
     if apt.is_empty() {
         return Ok(());
     }
-    let mut update = Command::new("apt-get");
-    update.args(["update", "-q"]);
-    let mut install = Command::new("apt-get");
-    install
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&apt)
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    if !(is_root() || std::env::var_os("CI").is_some()) {
-        bail!(
-            "the Pi image needs these first (run as root, or set CI):\n  {}\n  {}",
-            show(&update),
-            show(&install)
-        );
-    }
-    run(&mut update)?;
-    run(&mut install)
+    crate::cross::install("the Pi image", &apt, &[])
 }
 
 /// mmdebstrap runs arm64 maintainer scripts through the kernel's binfmt_misc and

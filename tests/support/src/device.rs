@@ -7,7 +7,7 @@
 //! console" (for a process that is the host's shell; for the VM its serial console).
 
 use crate::proxy::{Mode, Proxy};
-use crate::{AgentOpts, Fleet, Proc, now_ms};
+use crate::{AgentOpts, Fleet, Proc, now_ms, which};
 use anyhow::{Context, Result, bail, ensure};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -182,15 +182,6 @@ impl VmImage {
             kernel_release,
         })
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 /// A whole ARM64 Linux unit under qemu-system-aarch64 (`-M virt -cpu cortex-a53`, TCG):

@@ -628,12 +628,27 @@ pub fn ran(state: CmdState) -> bool {
     )
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+/// A program on PATH (or in /usr/sbin, /sbin, which non-root PATHs lack).
+pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
             .map(|p| p.join(name))
             .find(|p| p.is_file())
     })
+}
+
+/// What a test needs that a setup step makes (an image, a cross build): in CI its
+/// absence fails the test; elsewhere the test is skipped with the reason.
+pub fn ready_or_skip<T>(test: &str, found: std::result::Result<T, String>) -> Option<T> {
+    match found {
+        Ok(v) => Some(v),
+        Err(why) if std::env::var_os("CI").is_some() => panic!("{test}: cannot run in CI: {why}"),
+        Err(why) => {
+            eprintln!("{test}: SKIPPED (CI is not set): {why}");
+            None
+        }
+    }
 }
 
 /// Shell-escape-free argv that appends `token` as a line to `file`: the countable
