@@ -88,7 +88,8 @@ enum Persist {
     /// Before it returns.
     Now,
     /// Later, by [`Hub::flush`], unless a `Now` update of the same command writes it
-    /// first; the cached record (what `show` and events say) changes at once. Only for
+    /// first; the cached record (what `show` says) changes at once, the command's
+    /// event follows the write (ADR 0008). Only for
     /// commands in the cache: one that is not is final, and an ACK cannot change it.
     Deferred,
 }
@@ -326,7 +327,8 @@ impl Hub {
     /// Apply `f` to a command's record and write it by compare-and-set, now or
     /// deferred (see [`Persist`]); `f` returns false to leave the record as it is (a
     /// `Now` update then still writes a deferred transition). Returns the new record
-    /// when `f` changed something.
+    /// when `f` changed something. Every version written is published as the
+    /// command's event: operators see what the store holds (ADR 0008).
     async fn update(
         &self,
         id: &MsgId,
@@ -373,7 +375,8 @@ impl Hub {
                 e.unsaved = true;
                 let record = e.cmd.record.clone();
                 self.cache.lock().expect("cache lock").insert(*id, e);
-                self.publish_event(&record).await;
+                // No event yet: events follow the store (ADR 0008), so a command
+                // that finishes before the deferred write costs no `Accepted` event.
                 return Ok(Some(record));
             }
             match self.store.update_command(&e.cmd, e.rev).await? {
@@ -389,11 +392,9 @@ impl Hub {
                             cache.insert(*id, e);
                         }
                     }
-                    if !changed {
-                        return Ok(None);
-                    }
+                    // Every version written is published, a deferred one included.
                     self.publish_event(&record).await;
-                    return Ok(Some(record));
+                    return Ok(changed.then_some(record));
                 }
                 Cas::Conflict => {
                     // Another writer's version wins; a deferred transition of ours
@@ -874,10 +875,12 @@ impl Hub {
                         unsaved: false,
                     },
                 );
-                self.publish_event(&record).await;
+                // No event for `Queued`: the reply to this call carries it, and
+                // whoever waits subscribes before calling (one message less per
+                // command; docs/benchmarks.md).
                 self.enqueue(&cmd.to, now, cmd.id).await;
-                // Logged once the delivery task has it: a log line is a write(2).
-                info!(node = %cmd.to, command = %cmd.id, method = %record.method, domain = %record.domain, "command queued");
+                // The finish is logged at info; a log line is a write(2) per command.
+                debug!(node = %cmd.to, command = %cmd.id, method = %record.method, domain = %record.domain, "command queued");
                 Ok(record)
             }
             None => match self

@@ -38,7 +38,10 @@ impl Opts {
     }
 }
 
-fn opts() -> Opts {
+/// What `--only` may name.
+const SECTIONS: [&str; 6] = ["wire", "floor", "seq", "pipe", "fan", "agent"];
+
+fn opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let out = args
@@ -55,13 +58,23 @@ fn opts() -> Opts {
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
-        .map(|s| s.split(',').map(str::to_string).collect());
-    Opts {
+        .map(|s| s.split(',').map(str::to_string).collect::<Vec<_>>());
+    if let Some(bad) = only
+        .iter()
+        .flatten()
+        .find(|s| !SECTIONS.contains(&s.as_str()))
+    {
+        anyhow::bail!(
+            "--only: no section {bad:?}; the sections are {}",
+            SECTIONS.join(", ")
+        );
+    }
+    Ok(Opts {
         quick,
         out,
         fanouts,
         only,
-    }
+    })
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -129,6 +142,13 @@ impl Cpu {
         println!("{line}");
         line
     }
+}
+
+/// Machine time one command costs at full load, by design: 3 request/reply exchanges
+/// at the bare pipelined rate `bare` (per second), 2 KV puts at the pipelined KV rate
+/// `kv`, and `compute_us` (sign + verify + state dir) spread over `cores`.
+fn design_s(bare: f64, kv: f64, compute_us: f64, cores: f64) -> f64 {
+    3.0 / bare + 2.0 / kv + compute_us / 1e6 / cores
 }
 
 /// Result lines of the report.
@@ -378,7 +398,7 @@ async fn outpost_fanout(op: &Client, s: &Subjects, names: &[String]) -> Result<D
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let o = opts();
+    let o = opts()?;
     let started = Instant::now();
     let mut r = Report::default();
     println!(
@@ -414,9 +434,13 @@ async fn main() -> Result<()> {
         r.notes.push(format!("wire: {}: {}", w.what, w.note));
     }
 
-    // Work per command that the bare baselines do not have, timed alone.
-    if o.runs("floor") {
+    // Work per command that the bare baselines do not have, timed alone; with the
+    // bare figures below it makes each round-trip figure's design floor.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let mut compute_us = None;
+    if ["floor", "seq", "pipe", "fan"].iter().any(|s| o.runs(s)) {
         let fl = floor::measure(if o.quick { 500 } else { 2_000 })?;
+        compute_us = Some(fl.sign_us + fl.verify_us + fl.state_dir_us);
         r.row(
             "per command, alone: hub signs / unit verifies",
             format!("{:.1} µs / {:.1} µs", fl.sign_us, fl.verify_us),
@@ -485,6 +509,31 @@ async fn main() -> Result<()> {
             ),
             "",
         );
+        if let Some(c) = compute_us {
+            // On the critical path by design: four one-way hops (operator → hub →
+            // unit → hub → operator, two bare round trips), two awaited KV writes
+            // (persisted before delivery, persisted before the operator hears), the
+            // hub's signature, and the unit's check and crash-safe state dir.
+            let floor = 2.0 * pct(&bare_lat, 0.5).as_secs_f64()
+                + 2.0 * pct(&kv_lat, 0.5).as_secs_f64()
+                + c / 1e6;
+            let bare = pct(&bare_lat, 0.5).as_secs_f64();
+            r.row(
+                "round trip sequential: design floor, p50",
+                format!("{:.3} ms", floor * 1e3),
+                ms(pct(&bare_lat, 0.5)),
+                format!("{:.1}×", floor / bare),
+                "",
+            );
+            r.row(
+                "round trip sequential: p50 over the design floor",
+                ms(pct(&lat, 0.5)),
+                format!("{:.3} ms", floor * 1e3),
+                format!("{:.2}×", pct(&lat, 0.5).as_secs_f64() / floor),
+                "",
+            );
+            r.notes.push("round trip sequential: design floor: 2 × bare request/reply p50 (the four one-way hops operator → hub → unit → hub → operator) + 2 × awaited KV put p50 (the command persisted before delivery, the outcome before the operator hears) + sign + verify + state dir, each measured in this run".into());
+        }
         r.row(
             "JetStream KV put, awaited one by one: p50",
             ms(pct(&kv_lat, 0.5)),
@@ -506,6 +555,7 @@ async fn main() -> Result<()> {
     }
 
     // 3. Round trip, pipelined: 64 in flight (64 units, one command each at a time).
+    let mut kv_rate = None;
     if o.runs("pipe") {
         let inflight = 64;
         let n_pipe = if o.quick { 2_000 } else { 10_000 };
@@ -572,6 +622,25 @@ async fn main() -> Result<()> {
         r.notes.push(
             "round trip pipelined: KV writes per command: command records + last outcomes, from the buckets' stream sequences".into(),
         );
+        if let Some(c) = compute_us {
+            let ceiling = 1.0 / (design_s(bare_pipe, kv_pipe, c, cores));
+            r.row(
+                "round trip pipelined: design ceiling",
+                format!("{ceiling:.0}/s"),
+                format!("{bare_pipe:.0}/s"),
+                format!("{:.2}×", ceiling / bare_pipe),
+                "",
+            );
+            r.row(
+                "round trip pipelined: against the design ceiling",
+                format!("{pipe_rate:.0}/s"),
+                format!("{ceiling:.0}/s"),
+                format!("{:.2}×", pipe_rate / ceiling),
+                "",
+            );
+            r.notes.push(format!("round trip pipelined: design ceiling: machine time per command = 3 bare request/reply exchanges (operator's send, command/ACK, outcome/receipt) at the bare pipelined rate + 2 KV puts (the issue's \"at least two persisted state changes\") at the pipelined KV rate + (sign + verify + state dir) / {cores} cores, all measured in this run; the same bare rates alone (no signature, no unit state dir) would give {:.2}× bare", 1.0 / design_s(bare_pipe, kv_pipe, 0.0, cores) / bare_pipe));
+        }
+        kv_rate = Some(kv_pipe);
         r.row(
             "JetStream KV puts (64 in flight): per second",
             format!("{kv_pipe:.0}/s"),
@@ -615,6 +684,34 @@ async fn main() -> Result<()> {
             format!("{:.1}×", t.as_secs_f64() / bare.as_secs_f64()),
             if n == 10_000 { "≤ 10× bare" } else { "" },
         );
+        if let Some(c) = compute_us {
+            let kv = match kv_rate {
+                Some(k) => k,
+                None => {
+                    let k = bare_kv_pipelined(&bare_kv(&op).await?, 20_000, 64).await?;
+                    kv_rate = Some(k);
+                    k
+                }
+            };
+            // Three exchanges per unit where the bare fan-out has one, plus the
+            // persisted writes and the per-command work at full machine load.
+            let floor = 3.0 * bare.as_secs_f64() + n as f64 * design_s(f64::INFINITY, kv, c, cores);
+            r.row(
+                &format!("fan-out to {n} units: design floor"),
+                format!("{:.3} ms", floor * 1e3),
+                ms(bare),
+                format!("{:.1}×", floor / bare.as_secs_f64()),
+                "",
+            );
+            r.row(
+                &format!("fan-out to {n} units: over the design floor"),
+                ms(t),
+                format!("{:.3} ms", floor * 1e3),
+                format!("{:.2}×", t.as_secs_f64() / floor),
+                "",
+            );
+            r.notes.push(format!("fan-out to {n} units: design floor: 3 × the bare fan-out (each unit costs the operator's send, command/ACK and outcome/receipt where the bare fan-out has one exchange) + {n} × (2 KV puts at the pipelined KV rate + (sign + verify + state dir) / {cores} cores), measured in this run"));
+        }
         r.row(
             &format!("fan-out to {n} units: commands per second"),
             format!("{:.0}/s", n as f64 / t.as_secs_f64()),
@@ -769,7 +866,7 @@ fn write_report(o: &Opts, r: &Report, took: Duration) -> Result<()> {
     }
     writeln!(
         md,
-        "\nBaselines: bare async-nats request/reply between two TLS clients on the same server (131-byte payload, the size of a signed command); a bare fan-out publishes to N subjects answered by responders on 100 connections. outpost's round trip is the operator's: `send` API call (command persisted), delivery, ACK, acceptance recorded (in the outcome's write when it follows within 100 ms, ADR 0006), outcome, outcome persisted, the operator seeing the final event, receipt. CPU per command: from /proc ticks of each process over the figure's run, so it does not depend on how long anything waited; on 2 shared cores the pipelined and fan-out figures are CPU-bound, and the simulated units' own work (signature check, crash-safe state dir) runs on the same cores. Simulated units run the agent's real intake, state dir (on tmpfs) and outbox protocol with a fake executor, 100 to a connection.\n"
+        "\nBaselines: bare async-nats request/reply between two TLS clients on the same server (131-byte payload, the size of a signed command); a bare fan-out publishes to N subjects answered by responders on 100 connections. outpost's round trip is the operator's: `send` API call (command persisted), delivery, ACK, acceptance recorded (in the outcome's write when it follows within 100 ms, ADR 0006), outcome, outcome persisted, the operator seeing the final event, receipt. CPU per command: from /proc ticks of each process over the figure's run, so it does not depend on how long anything waited; on 2 shared cores the pipelined and fan-out figures are CPU-bound, and the simulated units' own work (signature check, crash-safe state dir) runs on the same cores. Simulated units run the agent's real intake, state dir (on tmpfs) and outbox protocol with a fake executor, 100 to a connection. A design floor (or ceiling) is what the design cannot go below (above) on this machine: the messages, persisted writes and per-command work it must do, each costed from figures measured in the same run; the row under it says how close outpost comes.\n"
     )?;
     for n in &r.notes {
         writeln!(md, "- {n}")?;

@@ -74,7 +74,8 @@ impl Subjects {
         format!("{}.api.{call}", self.prefix)
     }
 
-    /// Hub → operators: every state change of one command.
+    /// Hub → operators: every state change of one command after `Queued` (the reply
+    /// to `send` carries that one).
     pub fn event(&self, id: &MsgId) -> String {
         format!("{}.event.cmd.{id}", self.prefix)
     }

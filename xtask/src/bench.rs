@@ -13,6 +13,10 @@ pub struct Args {
     /// Where to write the table.
     #[arg(long, default_value = "docs/benchmarks.md")]
     pub out: String,
+    /// Run these sections only, comma-separated: wire, floor, seq, pipe, fan, agent
+    /// (for profiling; the table then holds only their rows).
+    #[arg(long, value_name = "SECTIONS")]
+    pub only: Option<String>,
 }
 
 /// The agent whose footprint the bench measures, when it could be built.
@@ -73,6 +77,9 @@ pub fn bench(a: &Args) -> Result<()> {
     }
     if a.quick {
         cmd.arg("--quick");
+    }
+    if let Some(only) = &a.only {
+        cmd.args(["--only", only]);
     }
     run(&mut cmd)
 }
