@@ -134,6 +134,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     for id in &recovery.interrupted {
         warn!(command = %id, "command was running when the agent stopped: reported interrupted");
     }
+    if recovery.imported > 0 {
+        info!(
+            entries = recovery.imported,
+            "took over the state dir of an earlier agent version"
+        );
+    }
+    if recovery.corrupt_lines > 0 {
+        let msg = format!(
+            "{} damaged line(s) in the state log were skipped and copied to log.corrupt",
+            recovery.corrupt_lines
+        );
+        error!("{msg}");
+        publish_log(&client, &subjects, &cfg.node, Level::Error, msg, None).await;
+    }
 
     let agent = Arc::new(Agent {
         subjects,
@@ -337,21 +351,16 @@ async fn deliver_outbox(agent: Arc<Agent>) {
     let mut backoff = OUTBOX_BACKOFF_MIN;
     loop {
         let entries = agent.state.lock().expect("state lock").outbox();
-        let entries = entries.unwrap_or_else(|e| {
-            error!(error = %e, "cannot list the outbox");
-            Vec::new()
-        });
         let mut failed = false;
-        for path in entries {
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
-            };
-            let id = match decode::<outpost_wire::Outcome>(&bytes) {
-                Ok(o) => o.command,
+        for id in entries {
+            let bytes = match agent.state.lock().expect("state lock").outcome_bytes(&id) {
+                Ok(Some(b)) => b,
+                // Receipted meanwhile (a re-sent outcome answered twice).
+                Ok(None) => continue,
                 Err(e) => {
-                    error!(path = %path.display(), error = %e, "undecodable outbox entry; set aside");
-                    let _ = std::fs::rename(&path, path.with_extension("corrupt"));
-                    continue;
+                    error!(command = %id, error = %e, "cannot read an outbox entry");
+                    failed = true;
+                    break;
                 }
             };
             let req = async_nats::Request::new()
@@ -361,8 +370,8 @@ async fn deliver_outbox(agent: Arc<Agent>) {
                 Ok(reply) => match decode::<Receipt>(&reply.payload) {
                     Ok(r) if r.command == id => {
                         debug!(command = %id, "outcome delivered");
-                        if let Err(e) = agent.state.lock().expect("state lock").delivered(&path) {
-                            error!(error = %e, "cannot remove a delivered outbox entry");
+                        if let Err(e) = agent.state.lock().expect("state lock").delivered(&id) {
+                            error!(error = %e, "cannot record a receipted outcome");
                         }
                     }
                     other => {
@@ -397,7 +406,7 @@ async fn say_hello(agent: Arc<Agent>) {
     loop {
         let (outbox_depth, pending) = {
             let s = agent.state.lock().expect("state lock");
-            (s.outbox().map(|o| o.len()).unwrap_or(0), s.pending())
+            (s.outbox().len(), s.pending())
         };
         let hello = Hello {
             agent_version: crate::VERSION.into(),

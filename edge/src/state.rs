@@ -1,20 +1,29 @@
-//! The agent's durable state directory: what it accepted, what is running, and the
-//! outbox of outcomes not yet confirmed by the hub. See docs/adr/0002-agent-state-dir.md.
+//! The agent's durable state: one append-only log of what it accepted, started and
+//! finished, holding the outbox of outcomes the hub has not receipted yet. See
+//! docs/adr/0009-agent-state-log.md (it replaced the file-per-command layout of
+//! ADR 0002, which cost about seven fsyncs per command).
 //!
 //! ```text
-//! <state_dir>/queued/<seq>-<id>   accepted, not started   (encoded Command)
-//! <state_dir>/running/<seq>-<id>  started, not finished   (the same file, renamed)
-//! <state_dir>/outbox/<seq>-<id>   finished, not receipted (encoded Outcome)
-//! <state_dir>/journal             one line per finished command: `<id> <deadline> <status hex>`
+//! <state_dir>/log, one line per transition, appended:
+//!   A <seq> <id> <command hex>           accepted, not started          fdatasync
+//!   S <id> <started ms>                  started, not finished          fdatasync
+//!   F <seq> <id> <deadline> <outcome hex> finished, outcome not receipted fdatasync
+//!   D <id>                               receipted                      (no sync)
+//!   R <id> <deadline> <status hex>       finished and receipted, remembered to answer
+//!                                        a re-delivery `Duplicate` (written by compaction)
 //! ```
-//! Every file is written to a temporary name, fsynced, renamed and its directory
-//! fsynced, so a crash or power cut at any point leaves the old state or the new one.
-//! The journal is append-only; a torn last line is skipped when it is read.
+//! Three fdatasyncs per command. A lost `D` (power cut before the next sync) only
+//! sends that outcome again, and the hub answers a duplicate outcome with a receipt.
+//! A torn last line (power cut mid-append) is cut off when the log is opened; a
+//! complete line that does not parse (outside damage) is skipped and copied to
+//! `log.corrupt` for a human. When most of the log is dead it is rewritten (temporary
+//! file, fsync, rename, directory fsync) with only what is live.
 
 use outpost_wire::{Command, MsgId, Outcome, Recorded, Status, decode, encode, now_ms};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Finished commands remembered for duplicate detection, at most. A replay of a
@@ -23,6 +32,9 @@ pub const MAX_SEEN: usize = 4096;
 /// How long past its deadline a finished command is remembered: covers clock skew
 /// between hub and unit, so a late re-delivery is answered `Duplicate`, not run.
 pub const RETAIN_AFTER_DEADLINE_MS: u64 = 24 * 3600 * 1000;
+/// The log is compacted once it is this much larger than twice what is live in it.
+const COMPACT_SLACK_BYTES: u64 = 1 << 20;
+const COMPACT_SLACK_LINES: usize = 64;
 
 /// A state-dir operation failed; names the file and the operation.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +56,8 @@ fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateE
 /// One accepted command on its way through the state dir.
 #[derive(Debug, Clone)]
 pub struct Ticket {
-    pub name: String,
+    /// Acceptance order on this unit.
+    pub seq: u64,
     pub command: Command,
 }
 
@@ -55,6 +68,10 @@ pub struct Recovery {
     pub queued: Vec<Ticket>,
     /// Were running when the agent died: reported failed ("interrupted").
     pub interrupted: Vec<MsgId>,
+    /// Complete log lines that did not parse (outside damage), copied to `log.corrupt`.
+    pub corrupt_lines: usize,
+    /// Entries taken over from the layout of ADR 0002 (an agent upgraded in place).
+    pub imported: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -63,19 +80,53 @@ struct Seen {
     recorded: Recorded,
 }
 
+/// Where a line's hex payload lies in the log.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    at: u64,
+    len: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Queued,
+    Running { started: u64 },
+    Outbox { deadline: u64 },
+}
+
+/// An entry that is not done: accepted, running, or finished and not yet receipted.
+/// `span` is the command's hex (queued, running) or the outcome's (outbox).
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    id: MsgId,
+    stage: Stage,
+    span: Span,
+}
+
 /// The state directory, opened.
 #[derive(Debug)]
 pub struct StateDir {
     root: PathBuf,
+    path: PathBuf,
+    log: File,
+    /// Bytes and lines in the log, all complete.
+    len: u64,
+    lines: usize,
     seen: HashMap<MsgId, Seen>,
+    live: BTreeMap<u64, Live>,
+    seq_of: HashMap<MsgId, u64>,
     next_seq: u64,
-    journal: File,
-    journal_lines: usize,
     max_seen: usize,
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(DIGITS[(x >> 4) as usize] as char);
+        s.push(DIGITS[(x & 15) as usize] as char);
+    }
+    s
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -88,130 +139,102 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Write `bytes` to `dir/name` atomically and durably.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateError> {
-    let tmp = dir.join(format!(".tmp-{name}"));
-    let dst = dir.join(name);
-    let mut f = File::create(&tmp).map_err(err("create", &tmp))?;
-    f.write_all(bytes).map_err(err("write", &tmp))?;
-    f.sync_all().map_err(err("fsync", &tmp))?;
-    fs::rename(&tmp, &dst).map_err(err("rename into place", &dst))?;
-    sync_dir(dir)
-}
-
 fn sync_dir(dir: &Path) -> Result<(), StateError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(err("fsync directory", dir))
 }
 
-/// Sorted entry names of one subdirectory, skipping temporaries.
-fn list(dir: &Path) -> Result<Vec<String>, StateError> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map_err(err("list", dir))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
-    names.sort();
-    Ok(names)
+fn open_log(path: &Path) -> Result<File, StateError> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(err("open", path))
 }
 
-/// `<seq>-<id>` → (seq, id).
-fn parse_name(name: &str) -> Option<(u64, MsgId)> {
-    let (seq, id) = name.split_once('-')?;
-    Some((u64::from_str_radix(seq, 16).ok()?, id.parse().ok()?))
+/// A line's payload: everything after the last space.
+fn payload_span(line_at: u64, line: &str) -> Span {
+    let start = line.rfind(' ').map_or(0, |i| i + 1);
+    Span {
+        at: line_at + start as u64,
+        len: (line.len() - start) as u64,
+    }
 }
 
 impl StateDir {
     /// Open (creating if needed) and recover: interrupted commands get their
     /// "interrupted" outcome in the outbox before anything else happens.
     pub fn open(root: &Path) -> Result<(StateDir, Recovery), StateError> {
-        for sub in ["queued", "running", "outbox"] {
-            let d = root.join(sub);
-            fs::create_dir_all(&d).map_err(err("create", &d))?;
+        fs::create_dir_all(root).map_err(err("create", root))?;
+        let path = root.join("log");
+        let fresh = !path.exists();
+        let mut log = open_log(&path)?;
+        if fresh {
+            sync_dir(root)?;
         }
-        let jpath = root.join("journal");
-        let mut seen = HashMap::new();
-        let mut journal_lines = 0;
-        match fs::read_to_string(&jpath) {
-            Ok(text) => {
-                for line in text.lines() {
-                    journal_lines += 1;
-                    if let Some((id, s)) = parse_journal_line(line) {
-                        seen.insert(id, s);
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err("read", &jpath)(e)),
+        let mut bytes = Vec::new();
+        log.read_to_end(&mut bytes).map_err(err("read", &path))?;
+        // A torn last line: cut it off, so the next line starts clean.
+        let good = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if good < bytes.len() {
+            log.set_len(good as u64)
+                .and_then(|_| log.sync_data())
+                .map_err(err("cut the torn end of", &path))?;
+            bytes.truncate(good);
         }
-        let journal = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&jpath)
-            .map_err(err("open", &jpath))?;
         let mut dir = StateDir {
             root: root.to_path_buf(),
-            seen,
+            path,
+            log,
+            len: good as u64,
+            lines: 0,
+            seen: HashMap::new(),
+            live: BTreeMap::new(),
+            seq_of: HashMap::new(),
             next_seq: 0,
-            journal,
-            journal_lines,
             max_seen: MAX_SEEN,
         };
-        let recovery = dir.recover()?;
-        dir.prune(now_ms());
-        Ok((dir, recovery))
-    }
-
-    fn recover(&mut self) -> Result<Recovery, StateError> {
         let mut rec = Recovery::default();
-        let outbox = list(&self.root.join("outbox"))?;
-        let mut in_outbox = std::collections::HashSet::new();
-        for name in &outbox {
-            let Some((seq, id)) = parse_name(name) else {
+        let mut commands = HashMap::new();
+        let mut corrupt = Vec::new();
+        let mut at = 0u64;
+        for piece in bytes.split_inclusive(|&b| b == b'\n') {
+            let line = &piece[..piece.len() - 1];
+            let ok = std::str::from_utf8(line)
+                .ok()
+                .and_then(|l| dir.replay(l, at, &mut commands));
+            if ok.is_none() {
+                corrupt.extend_from_slice(line);
+                corrupt.push(b'\n');
+                rec.corrupt_lines += 1;
+            }
+            at += line.len() as u64 + 1;
+            dir.lines += 1;
+        }
+        drop(bytes);
+        if !corrupt.is_empty() {
+            let p = dir.root.join("log.corrupt");
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .and_then(|mut f| f.write_all(&corrupt))
+                .map_err(err("write", &p))?;
+        }
+        rec.imported = dir.import_legacy(&mut commands)?;
+        let entries: Vec<(u64, Live)> = dir.live.iter().map(|(s, l)| (*s, *l)).collect();
+        for (seq, l) in entries {
+            let Some(command) = commands.remove(&l.id) else {
                 continue;
             };
-            self.next_seq = self.next_seq.max(seq + 1);
-            in_outbox.insert(id);
-            let path = self.root.join("outbox").join(name);
-            let bytes = fs::read(&path).map_err(err("read", &path))?;
-            if let Ok(o) = decode::<Outcome>(&bytes) {
-                self.seen.entry(id).or_insert(Seen {
-                    deadline: now_ms(),
-                    recorded: Recorded::Finished(o.status),
-                });
-            }
-        }
-        for (sub, is_running) in [("running", true), ("queued", false)] {
-            for name in list(&self.root.join(sub))? {
-                let Some((seq, id)) = parse_name(&name) else {
-                    continue;
-                };
-                self.next_seq = self.next_seq.max(seq + 1);
-                let path = self.root.join(sub).join(&name);
-                if in_outbox.contains(&id) {
-                    // Finished just before the crash; its outcome is already safe.
-                    fs::remove_file(&path).map_err(err("remove", &path))?;
-                    continue;
-                }
-                let bytes = fs::read(&path).map_err(err("read", &path))?;
-                let Ok(command) = decode::<Command>(&bytes) else {
-                    // Only our own atomic writes create these files; a bad one means
-                    // outside damage. Keep it aside for a human, never run it.
-                    let bad = self.root.join(format!("{name}.corrupt"));
-                    fs::rename(&path, &bad).map_err(err("set aside", &path))?;
-                    continue;
-                };
-                let ticket = Ticket { name, command };
-                if is_running {
-                    let started = fs::metadata(&path)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map(|d| d.as_millis() as u64)
-                        .unwrap_or(0);
+            let ticket = Ticket { seq, command };
+            match l.stage {
+                Stage::Queued => rec.queued.push(ticket),
+                Stage::Running { started } => {
                     let outcome = Outcome {
-                        command: id,
+                        command: l.id,
                         status: Status::Failed(
                             "interrupted: the agent stopped while the command was running".into(),
                         ),
@@ -222,21 +245,133 @@ impl StateDir {
                         started_at: started,
                         duration_ms: now_ms().saturating_sub(started).min(u32::MAX as u64) as u32,
                     };
-                    self.finish(&ticket, &outcome)?;
-                    rec.interrupted.push(id);
-                } else {
-                    self.seen.insert(
-                        id,
-                        Seen {
-                            deadline: ticket.command.deadline,
-                            recorded: Recorded::Pending,
-                        },
-                    );
-                    rec.queued.push(ticket);
+                    dir.finish(&ticket, &outcome)?;
+                    rec.interrupted.push(l.id);
                 }
+                Stage::Outbox { .. } => {}
             }
         }
-        Ok(rec)
+        dir.prune(now_ms());
+        Ok((dir, rec))
+    }
+
+    /// Apply one log line read back at offset `at`; `None` if it does not parse.
+    fn replay(
+        &mut self,
+        line: &str,
+        at: u64,
+        commands: &mut HashMap<MsgId, Command>,
+    ) -> Option<()> {
+        let mut f = line.split(' ');
+        match f.next()? {
+            "A" => {
+                let seq: u64 = f.next()?.parse().ok()?;
+                let id: MsgId = f.next()?.parse().ok()?;
+                let command: Command = decode(&unhex(f.next()?)?).ok()?;
+                if command.id != id || f.next().is_some() {
+                    return None;
+                }
+                self.next_seq = self.next_seq.max(seq + 1);
+                self.seen.insert(
+                    id,
+                    Seen {
+                        deadline: command.deadline,
+                        recorded: Recorded::Pending,
+                    },
+                );
+                self.put_live(seq, id, Stage::Queued, payload_span(at, line));
+                commands.insert(id, command);
+            }
+            "S" => {
+                let id: MsgId = f.next()?.parse().ok()?;
+                let started: u64 = f.next()?.parse().ok()?;
+                let seq = self.seq_of.get(&id)?;
+                let l = self.live.get_mut(seq)?;
+                l.stage = Stage::Running { started };
+            }
+            "F" => {
+                let seq: u64 = f.next()?.parse().ok()?;
+                let id: MsgId = f.next()?.parse().ok()?;
+                let deadline: u64 = f.next()?.parse().ok()?;
+                let outcome: Outcome = decode(&unhex(f.next()?)?).ok()?;
+                if outcome.command != id || f.next().is_some() {
+                    return None;
+                }
+                self.next_seq = self.next_seq.max(seq + 1);
+                self.seen.insert(
+                    id,
+                    Seen {
+                        deadline,
+                        recorded: Recorded::Finished(outcome.status),
+                    },
+                );
+                self.put_live(seq, id, Stage::Outbox { deadline }, payload_span(at, line));
+                commands.remove(&id);
+            }
+            "D" => {
+                let id: MsgId = f.next()?.parse().ok()?;
+                if let Some(seq) = self.seq_of.remove(&id) {
+                    self.live.remove(&seq);
+                }
+            }
+            "R" => {
+                let id: MsgId = f.next()?.parse().ok()?;
+                let deadline: u64 = f.next()?.parse().ok()?;
+                let status: Status = decode(&unhex(f.next()?)?).ok()?;
+                self.seen.insert(
+                    id,
+                    Seen {
+                        deadline,
+                        recorded: Recorded::Finished(status),
+                    },
+                );
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    fn put_live(&mut self, seq: u64, id: MsgId, stage: Stage, span: Span) {
+        if let Some(old) = self.seq_of.insert(id, seq)
+            && old != seq
+        {
+            self.live.remove(&old);
+        }
+        self.live.insert(seq, Live { id, stage, span });
+    }
+
+    /// Append one complete line; synced when `sync`. Returns the line's offset. A
+    /// failed append is cut off again, so a retry starts on a clean line.
+    fn append(&mut self, line: &str, sync: bool) -> Result<u64, StateError> {
+        let at = self.len;
+        let r = self
+            .log
+            .write_all(line.as_bytes())
+            .and_then(|_| if sync { self.log.sync_data() } else { Ok(()) });
+        match r {
+            Ok(()) => {
+                self.len += line.len() as u64;
+                self.lines += 1;
+                Ok(at)
+            }
+            Err(e) => {
+                let _ = self.log.set_len(at);
+                Err(err("append to", &self.path)(e))
+            }
+        }
+    }
+
+    fn read_span(&self, span: Span) -> Result<String, StateError> {
+        let mut buf = vec![0u8; span.len as usize];
+        self.log
+            .read_exact_at(&mut buf, span.at)
+            .map_err(err("read", &self.path))?;
+        String::from_utf8(buf).map_err(|_| {
+            err("read", &self.path)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "log entry is not text",
+            ))
+        })
     }
 
     /// What the unit recorded for a command id, if it has seen it.
@@ -254,8 +389,9 @@ impl StateDir {
 
     /// Durably record acceptance. Only after this returns may the command be ACKed.
     pub fn accept(&mut self, command: &Command) -> Result<Ticket, StateError> {
-        let name = format!("{:016x}-{}", self.next_seq, command.id);
-        write_atomic(&self.root.join("queued"), &name, &encode(command))?;
+        let seq = self.next_seq;
+        let line = format!("A {seq} {} {}\n", command.id, hex(&encode(command)));
+        let at = self.append(&line, true)?;
         self.next_seq += 1;
         self.seen.insert(
             command.id,
@@ -264,48 +400,40 @@ impl StateDir {
                 recorded: Recorded::Pending,
             },
         );
+        let span = payload_span(at, line.trim_end());
+        self.put_live(seq, command.id, Stage::Queued, span);
         Ok(Ticket {
-            name,
+            seq,
             command: command.clone(),
         })
     }
 
     /// Mark a command started: from here a crash reports it interrupted.
     pub fn start(&mut self, t: &Ticket) -> Result<(), StateError> {
-        let from = self.root.join("queued").join(&t.name);
-        let to = self.root.join("running").join(&t.name);
-        fs::rename(&from, &to).map_err(err("move to running", &from))?;
-        sync_dir(&self.root.join("running"))?;
-        sync_dir(&self.root.join("queued"))
+        let now = now_ms();
+        self.append(&format!("S {} {now}\n", t.command.id), true)?;
+        if let Some(l) = self.live.get_mut(&t.seq) {
+            l.stage = Stage::Running { started: now };
+        }
+        Ok(())
     }
 
-    /// Durably record the outcome (outbox first, then journal, then drop the marker).
+    /// Durably record the outcome: it is in the outbox until `delivered`.
     pub fn finish(&mut self, t: &Ticket, outcome: &Outcome) -> Result<(), StateError> {
-        write_atomic(&self.root.join("outbox"), &t.name, &encode(outcome))?;
+        let deadline = t.command.deadline;
         let line = format!(
-            "{} {} {}\n",
+            "F {} {} {deadline} {}\n",
+            t.seq,
             t.command.id,
-            t.command.deadline,
-            hex(&encode(&outcome.status))
+            hex(&encode(outcome))
         );
-        let jpath = self.root.join("journal");
-        self.journal
-            .write_all(line.as_bytes())
-            .and_then(|_| self.journal.sync_data())
-            .map_err(err("append to", &jpath))?;
-        self.journal_lines += 1;
-        for sub in ["running", "queued"] {
-            let p = self.root.join(sub).join(&t.name);
-            match fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(err("remove", &p)(e)),
-            }
-        }
+        let at = self.append(&line, true)?;
+        let span = payload_span(at, line.trim_end());
+        self.put_live(t.seq, t.command.id, Stage::Outbox { deadline }, span);
         self.seen.insert(
             t.command.id,
             Seen {
-                deadline: t.command.deadline,
+                deadline,
                 recorded: Recorded::Finished(outcome.status.clone()),
             },
         );
@@ -313,27 +441,53 @@ impl StateDir {
         Ok(())
     }
 
-    /// Outbox entries, oldest first.
-    pub fn outbox(&self) -> Result<Vec<PathBuf>, StateError> {
-        let dir = self.root.join("outbox");
-        Ok(list(&dir)?.into_iter().map(|n| dir.join(n)).collect())
+    /// Outbox entries (finished, not receipted), oldest first.
+    pub fn outbox(&self) -> Vec<MsgId> {
+        self.live
+            .values()
+            .filter(|l| matches!(l.stage, Stage::Outbox { .. }))
+            .map(|l| l.id)
+            .collect()
     }
 
-    /// Where a finished command's outcome waits in the outbox.
-    pub fn outbox_path(&self, t: &Ticket) -> PathBuf {
-        self.root.join("outbox").join(&t.name)
-    }
-
-    /// The hub confirmed receipt: drop the entry.
-    pub fn delivered(&self, path: &Path) -> Result<(), StateError> {
-        match fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(err("remove", path)(e)),
-            _ => Ok(()),
+    /// The encoded outcome of an outbox entry, as it goes on the wire.
+    pub fn outcome_bytes(&self, id: &MsgId) -> Result<Option<Vec<u8>>, StateError> {
+        let Some(l) = self.seq_of.get(id).and_then(|s| self.live.get(s)) else {
+            return Ok(None);
+        };
+        if !matches!(l.stage, Stage::Outbox { .. }) {
+            return Ok(None);
         }
+        let text = self.read_span(l.span)?;
+        unhex(&text).map(Some).ok_or_else(|| {
+            err("read", &self.path)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "outbox entry is not hex",
+            ))
+        })
+    }
+
+    /// The hub confirmed receipt: the entry leaves the outbox. Not synced: if this
+    /// line is lost the outcome is sent once more, and receipted once more.
+    pub fn delivered(&mut self, id: &MsgId) -> Result<(), StateError> {
+        let Some(seq) = self.seq_of.get(id).copied() else {
+            return Ok(());
+        };
+        if !matches!(
+            self.live.get(&seq).map(|l| l.stage),
+            Some(Stage::Outbox { .. })
+        ) {
+            return Ok(());
+        }
+        self.seq_of.remove(id);
+        self.live.remove(&seq);
+        let r = self.append(&format!("D {id}\n"), false).map(|_| ());
+        self.maybe_compact();
+        r
     }
 
     /// Forget finished commands past their retention, then the oldest beyond
-    /// `MAX_SEEN`; rewrite the journal when it has grown to twice what it holds.
+    /// `MAX_SEEN`; compact the log when most of it is dead.
     fn prune(&mut self, now: u64) {
         self.seen.retain(|_, s| {
             s.recorded == Recorded::Pending
@@ -343,7 +497,7 @@ impl StateDir {
             let mut finished: Vec<(u64, MsgId)> = self
                 .seen
                 .iter()
-                .filter(|(_, s)| s.recorded != Recorded::Pending)
+                .filter(|(id, s)| s.recorded != Recorded::Pending && !self.seq_of.contains_key(id))
                 .map(|(id, s)| (s.deadline, *id))
                 .collect();
             finished.sort();
@@ -352,44 +506,154 @@ impl StateDir {
                 self.seen.remove(&id);
             }
         }
-        if self.journal_lines > 2 * self.seen.len() + 64 {
-            // Best effort: a failed compaction leaves the longer, still valid journal.
+        self.maybe_compact();
+    }
+
+    fn maybe_compact(&mut self) {
+        let live_bytes: u64 = self.live.values().map(|l| l.span.len + 64).sum();
+        let kept = self.seen.len() + self.live.len();
+        if self.lines > 2 * kept + COMPACT_SLACK_LINES
+            || self.len > 2 * (live_bytes + 128 * self.seen.len() as u64) + COMPACT_SLACK_BYTES
+        {
+            // Best effort: a failed compaction leaves the longer, still valid log.
             let _ = self.compact();
         }
     }
 
+    /// Rewrite the log with only what is live and what is remembered.
     fn compact(&mut self) -> Result<(), StateError> {
-        let mut text = String::new();
-        let mut n = 0;
+        let tmp = self.root.join(".log.tmp");
+        let file = File::create(&tmp).map_err(err("create", &tmp))?;
+        let mut w = BufWriter::new(file);
+        let mut len = 0u64;
+        let mut lines = 0usize;
+        let mut live = BTreeMap::new();
+        let mut put = |w: &mut BufWriter<File>, line: &str| -> Result<u64, StateError> {
+            let at = len;
+            w.write_all(line.as_bytes()).map_err(err("write", &tmp))?;
+            len += line.len() as u64;
+            lines += 1;
+            Ok(at)
+        };
         for (id, s) in &self.seen {
-            if let Recorded::Finished(status) = &s.recorded {
-                text.push_str(&format!("{id} {} {}\n", s.deadline, hex(&encode(status))));
-                n += 1;
+            if let Recorded::Finished(status) = &s.recorded
+                && !self.seq_of.contains_key(id)
+            {
+                let line = format!("R {id} {} {}\n", s.deadline, hex(&encode(status)));
+                put(&mut w, &line)?;
             }
         }
-        write_atomic(&self.root, "journal", text.as_bytes())?;
-        let jpath = self.root.join("journal");
-        self.journal = OpenOptions::new()
-            .append(true)
-            .open(&jpath)
-            .map_err(err("open", &jpath))?;
-        self.journal_lines = n;
+        for (&seq, l) in &self.live {
+            let payload = self.read_span(l.span)?;
+            let line = match l.stage {
+                Stage::Queued | Stage::Running { .. } => format!("A {seq} {} {payload}\n", l.id),
+                Stage::Outbox { deadline } => {
+                    format!("F {seq} {} {deadline} {payload}\n", l.id)
+                }
+            };
+            let at = put(&mut w, &line)?;
+            live.insert(
+                seq,
+                Live {
+                    span: payload_span(at, line.trim_end()),
+                    ..*l
+                },
+            );
+            if let Stage::Running { started } = l.stage {
+                put(&mut w, &format!("S {} {started}\n", l.id))?;
+            }
+        }
+        let file = w
+            .into_inner()
+            .map_err(|e| err("write", &tmp)(e.into_error()))?;
+        file.sync_all().map_err(err("fsync", &tmp))?;
+        fs::rename(&tmp, &self.path).map_err(err("rename into place", &self.path))?;
+        sync_dir(&self.root)?;
+        self.log = open_log(&self.path)?;
+        self.len = len;
+        self.lines = lines;
+        self.live = live;
         Ok(())
     }
-}
 
-fn parse_journal_line(line: &str) -> Option<(MsgId, Seen)> {
-    let mut parts = line.split(' ');
-    let id = parts.next()?.parse().ok()?;
-    let deadline = parts.next()?.parse().ok()?;
-    let status: Status = decode(&unhex(parts.next()?)?).ok()?;
-    Some((
-        id,
-        Seen {
-            deadline,
-            recorded: Recorded::Finished(status),
-        },
-    ))
+    /// Take over the layout of ADR 0002 (`queued/`, `running/`, `outbox/` with one
+    /// file per command, and a `journal`), left by an agent upgraded in place:
+    /// appended to the log, synced, then removed. Returns how many entries it took.
+    fn import_legacy(
+        &mut self,
+        commands: &mut HashMap<MsgId, Command>,
+    ) -> Result<usize, StateError> {
+        let journal = self.root.join("journal");
+        let subs = ["queued", "running", "outbox"];
+        if !journal.exists() && subs.iter().all(|s| !self.root.join(s).exists()) {
+            return Ok(0);
+        }
+        let mut lines = Vec::new();
+        if let Ok(text) = fs::read_to_string(&journal) {
+            for l in text.lines() {
+                let mut f = l.split(' ');
+                if let (Some(id), Some(deadline), Some(status), None) =
+                    (f.next(), f.next(), f.next(), f.next())
+                {
+                    lines.push(format!("R {id} {deadline} {status}"));
+                }
+            }
+        }
+        for sub in subs {
+            let dir = self.root.join(sub);
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| !n.starts_with('.') && !n.ends_with(".corrupt"))
+                .collect();
+            names.sort();
+            for name in names {
+                let Some((seq, id)) = name.split_once('-').and_then(|(s, i)| {
+                    Some((u64::from_str_radix(s, 16).ok()?, i.parse::<MsgId>().ok()?))
+                }) else {
+                    continue;
+                };
+                let path = dir.join(&name);
+                let bytes = fs::read(&path).map_err(err("read", &path))?;
+                let modified = fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_millis() as u64);
+                match sub {
+                    "outbox" => lines.push(format!("F {seq} {id} {} {}", now_ms(), hex(&bytes))),
+                    _ => {
+                        lines.push(format!("A {seq} {id} {}", hex(&bytes)));
+                        if sub == "running" {
+                            lines.push(format!("S {id} {modified}"));
+                        }
+                    }
+                }
+            }
+        }
+        let mut taken = 0;
+        for line in &lines {
+            let at = self.append(&format!("{line}\n"), false)?;
+            // A running entry is an `A` and an `S` line; count it once.
+            if self.replay(line, at, commands).is_some() && !line.starts_with('S') {
+                taken += 1;
+            }
+        }
+        self.log.sync_data().map_err(err("fsync", &self.path))?;
+        for sub in subs {
+            let dir = self.root.join(sub);
+            if dir.exists() {
+                fs::remove_dir_all(&dir).map_err(err("remove", &dir))?;
+            }
+        }
+        if journal.exists() {
+            fs::remove_file(&journal).map_err(err("remove", &journal))?;
+        }
+        sync_dir(&self.root)?;
+        Ok(taken)
+    }
 }
 
 #[cfg(test)]
@@ -423,6 +687,14 @@ mod tests {
         }
     }
 
+    fn log_lines(dir: &Path) -> Vec<String> {
+        fs::read_to_string(dir.join("log"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
     #[test]
     fn restart_recovers_queued_interrupted_and_finished() {
         let dir = tempfile::tempdir().unwrap();
@@ -432,16 +704,23 @@ mod tests {
             let a = s.accept(&cmd(1)).unwrap();
             let b = s.accept(&cmd(2)).unwrap();
             let c = s.accept(&cmd(3)).unwrap();
+            let d = s.accept(&cmd(4)).unwrap();
             s.start(&a).unwrap();
             s.finish(&a, &outcome(a.command.id)).unwrap();
             s.start(&b).unwrap();
-            // c stays queued; b is "running" when we drop everything (a crash).
+            s.start(&d).unwrap();
+            // c and e stay queued, in acceptance order; b and d are "running" when
+            // everything is dropped (a crash).
+            let e = s.accept(&cmd(5)).unwrap();
             assert_eq!(s.lookup(&c.command.id), Some(Recorded::Pending));
+            assert_eq!(s.lookup(&e.command.id), Some(Recorded::Pending));
+            assert_eq!(s.pending(), 4);
         }
-        let (s, rec) = StateDir::open(dir.path()).unwrap();
-        assert_eq!(rec.queued.len(), 1);
-        assert_eq!(rec.queued[0].command.id, MsgId([3; 16]));
-        assert_eq!(rec.interrupted, vec![MsgId([2; 16])]);
+        let (mut s, rec) = StateDir::open(dir.path()).unwrap();
+        let queued: Vec<MsgId> = rec.queued.iter().map(|t| t.command.id).collect();
+        assert_eq!(queued, vec![MsgId([3; 16]), MsgId([5; 16])]);
+        assert_eq!(rec.interrupted, vec![MsgId([2; 16]), MsgId([4; 16])]);
+        assert_eq!(rec.corrupt_lines, 0);
         assert_eq!(
             s.lookup(&MsgId([1; 16])),
             Some(Recorded::Finished(Status::Succeeded))
@@ -450,21 +729,46 @@ mod tests {
             s.lookup(&MsgId([2; 16])),
             Some(Recorded::Finished(Status::Failed(_)))
         ));
-        let outbox = s.outbox().unwrap();
-        assert_eq!(outbox.len(), 2, "a's outcome and b's interrupted outcome");
-        for p in &outbox {
-            s.delivered(p).unwrap();
+        let outbox = s.outbox();
+        assert_eq!(
+            outbox,
+            vec![MsgId([1; 16]), MsgId([2; 16]), MsgId([4; 16])],
+            "a's outcome, then the interrupted b and d, in acceptance order"
+        );
+        let sent: Outcome = decode(&s.outcome_bytes(&outbox[0]).unwrap().unwrap()).unwrap();
+        assert_eq!(sent, outcome(MsgId([1; 16])));
+        for id in &outbox {
+            s.delivered(id).unwrap();
         }
-        // Delivered outcomes are still remembered through the journal.
+        assert!(s.outcome_bytes(&outbox[0]).unwrap().is_none());
+        // Delivered outcomes are still remembered through the log; queued ones are
+        // still queued.
         drop(s);
-        let (s, _) = StateDir::open(dir.path()).unwrap();
-        assert!(s.outbox().unwrap().is_empty());
+        let (s, rec) = StateDir::open(dir.path()).unwrap();
+        assert!(s.outbox().is_empty());
+        assert!(rec.interrupted.is_empty(), "interrupted only once");
+        assert_eq!(rec.queued.len(), 2);
         assert!(s.lookup(&MsgId([1; 16])).is_some());
         assert!(s.lookup(&MsgId([2; 16])).is_some());
     }
 
     #[test]
-    fn torn_journal_line_is_skipped() {
+    fn three_synced_lines_per_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = StateDir::open(dir.path()).unwrap();
+        let a = s.accept(&cmd(1)).unwrap();
+        s.start(&a).unwrap();
+        s.finish(&a, &outcome(a.command.id)).unwrap();
+        s.delivered(&a.command.id).unwrap();
+        let kinds: Vec<String> = log_lines(dir.path())
+            .iter()
+            .map(|l| l[..1].to_string())
+            .collect();
+        assert_eq!(kinds, ["A", "S", "F", "D"]);
+    }
+
+    #[test]
+    fn torn_last_line_is_cut_and_the_next_line_starts_clean() {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = StateDir::open(dir.path()).unwrap();
@@ -473,32 +777,123 @@ mod tests {
         }
         let mut j = OpenOptions::new()
             .append(true)
-            .open(dir.path().join("journal"))
+            .open(dir.path().join("log"))
             .unwrap();
-        j.write_all(b"0101010101 12").unwrap();
-        let (s, _) = StateDir::open(dir.path()).unwrap();
-        assert!(s.lookup(&MsgId([1; 16])).is_some());
+        j.write_all(b"A 7 0101010101 12").unwrap();
+        {
+            let (mut s, rec) = StateDir::open(dir.path()).unwrap();
+            assert_eq!(rec.corrupt_lines, 0, "a torn line is not damage");
+            assert!(s.lookup(&MsgId([1; 16])).is_some());
+            s.accept(&cmd(2)).unwrap();
+        }
+        let (s, rec) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(rec.corrupt_lines, 0);
+        assert_eq!(rec.queued.len(), 1, "the line after the cut parses");
+        assert_eq!(s.lookup(&MsgId([2; 16])), Some(Recorded::Pending));
     }
 
     #[test]
-    fn seen_set_is_bounded_and_journal_compacts() {
+    fn damaged_line_is_set_aside_and_the_rest_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = StateDir::open(dir.path()).unwrap();
+            s.accept(&cmd(1)).unwrap();
+        }
+        let mut j = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("log"))
+            .unwrap();
+        j.write_all(b"A 1 not-an-id zz\n").unwrap();
+        drop(j);
+        {
+            let (mut s, _) = StateDir::open(dir.path()).unwrap();
+            s.accept(&cmd(2)).unwrap();
+        }
+        let (_, rec) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(rec.corrupt_lines, 1);
+        assert_eq!(rec.queued.len(), 2);
+        let aside = fs::read_to_string(dir.path().join("log.corrupt")).unwrap();
+        assert!(aside.contains("not-an-id"), "{aside}");
+    }
+
+    #[test]
+    fn seen_set_is_bounded_and_log_compacts_keeping_what_is_live() {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = StateDir::open(dir.path()).unwrap();
         s.max_seen = 50;
-        for i in 0..150 {
+        let waiting = s.accept(&cmd(200)).unwrap();
+        let running = s.accept(&cmd(201)).unwrap();
+        s.start(&running).unwrap();
+        let unreceipted = s.accept(&cmd(202)).unwrap();
+        s.finish(&unreceipted, &outcome(unreceipted.command.id))
+            .unwrap();
+        let mut last = MsgId([0; 16]);
+        for i in 0..300 {
             let mut c = cmd(0);
             c.id = MsgId::new(i as u64);
+            last = c.id;
             let t = s.accept(&c).unwrap();
+            s.start(&t).unwrap();
             s.finish(&t, &outcome(c.id)).unwrap();
-            s.delivered(&dir.path().join("outbox").join(&t.name))
-                .unwrap();
+            s.delivered(&c.id).unwrap();
         }
-        assert!(s.seen.len() <= 50);
-        let lines = fs::read_to_string(dir.path().join("journal"))
-            .unwrap()
-            .lines()
-            .count();
-        assert!(lines <= 2 * 50 + 64 + 1, "journal has {lines} lines");
+        assert!(s.seen.len() <= 50 + 3);
+        let lines = log_lines(dir.path()).len();
+        assert!(lines <= 2 * 53 + 64 + 4, "log has {lines} lines");
+        assert_eq!(s.outbox(), vec![unreceipted.command.id]);
+        assert!(s.outcome_bytes(&unreceipted.command.id).unwrap().is_some());
+        drop(s);
+        let (s, rec) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(rec.corrupt_lines, 0);
+        assert_eq!(rec.queued.len(), 1);
+        assert_eq!(rec.queued[0].command.id, waiting.command.id);
+        assert_eq!(rec.interrupted, vec![running.command.id]);
+        assert_eq!(
+            s.outbox(),
+            vec![running.command.id, unreceipted.command.id],
+            "the interrupted one and the unreceipted one, in acceptance order"
+        );
+        let o: Outcome =
+            decode(&s.outcome_bytes(&unreceipted.command.id).unwrap().unwrap()).unwrap();
+        assert_eq!(o.stdout, b"hi");
+        // A remembered command is still a duplicate after compaction and restart.
+        assert!(s.lookup(&last).is_some());
+    }
+
+    #[test]
+    fn the_file_per_command_layout_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for sub in ["queued", "running", "outbox"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let (q, r, o) = (cmd(1), cmd(2), cmd(3));
+        let name = |seq: u64, c: &Command| format!("{seq:016x}-{}", c.id);
+        fs::write(root.join("queued").join(name(5, &q)), encode(&q)).unwrap();
+        fs::write(root.join("running").join(name(4, &r)), encode(&r)).unwrap();
+        fs::write(
+            root.join("outbox").join(name(3, &o)),
+            encode(&outcome(o.id)),
+        )
+        .unwrap();
+        let done = MsgId([9; 16]);
+        fs::write(
+            root.join("journal"),
+            format!("{done} {} {}\n", now_ms(), hex(&encode(&Status::Succeeded))),
+        )
+        .unwrap();
+        let (mut s, rec) = StateDir::open(root).unwrap();
+        assert_eq!(rec.imported, 4);
+        assert_eq!(rec.queued.len(), 1);
+        assert_eq!(rec.queued[0].command, q);
+        assert_eq!(rec.interrupted, vec![r.id]);
+        assert_eq!(s.outbox(), vec![o.id, r.id], "oldest first");
+        assert_eq!(s.lookup(&done), Some(Recorded::Finished(Status::Succeeded)));
+        for sub in ["queued", "running", "outbox", "journal"] {
+            assert!(!root.join(sub).exists(), "{sub} is left behind");
+        }
+        // New acceptances continue after the imported sequence numbers.
+        assert!(s.accept(&cmd(7)).unwrap().seq > 5);
     }
 
     #[test]

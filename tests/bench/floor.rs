@@ -64,7 +64,7 @@ pub fn measure(n: u32) -> Result<Floor> {
             duration_ms: 0,
         };
         st.finish(&ticket, &outcome)?;
-        st.delivered(&st.outbox_path(&ticket))?;
+        st.delivered(&c.id)?;
     }
     let state_dir_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
     drop(st);

@@ -166,6 +166,22 @@ impl Report {
     }
 }
 
+/// Until `subject` has a responder as `a` sees it: a subscription made on another
+/// connection reaches the server some time after `subscribe` returns.
+async fn wait_responder(a: &Client, subject: &str) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        match a.request(subject.to_string(), Bytes::from_static(b"probe")).await {
+            Ok(_) => return Ok(()),
+            Err(e) if t0.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let _ = e;
+            }
+            Err(e) => anyhow::bail!("no responder on {subject}: {e}"),
+        }
+    }
+}
+
 async fn bare_sequential(a: &Client, b: &Client, n: usize) -> Result<(Vec<Duration>, f64)> {
     let mut sub = b.subscribe("bench.echo").await?;
     let responder_client = b.clone();
@@ -176,7 +192,7 @@ async fn bare_sequential(a: &Client, b: &Client, n: usize) -> Result<(Vec<Durati
             }
         }
     });
-    b.flush().await?;
+    wait_responder(a, "bench.echo").await?;
     let payload = Bytes::from(vec![0u8; 131]);
     let mut lat = Vec::with_capacity(n);
     let t0 = Instant::now();
@@ -201,7 +217,7 @@ async fn bare_pipelined(a: &Client, b: &Client, n: usize, inflight: usize) -> Re
             }
         }
     });
-    b.flush().await?;
+    wait_responder(a, "bench.echo2").await?;
     let payload = Bytes::from(vec![0u8; 131]);
     let t0 = Instant::now();
     futures_util::stream::iter(0..n)
@@ -326,6 +342,12 @@ async fn bare_fanout(f: &Fleet, n: usize, conns: usize) -> Result<Duration> {
         responders.push(client);
     }
     let driver = sim::connect(f).await?;
+    // A connection's subscriptions reach the server in order: its last one answering
+    // means all of them are in place.
+    for c in 0..conns.min(n) {
+        let last = (c..n).step_by(conns).last().unwrap_or(c);
+        wait_responder(&driver, &format!("bench.fan.{last}")).await?;
+    }
     let mut back = driver.subscribe("bench.back.>").await?;
     driver.flush().await?;
     let t0 = Instant::now();

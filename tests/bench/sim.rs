@@ -1,6 +1,6 @@
 //! Simulated units: many per NATS connection, each running the agent's real intake
 //! (`edge::intake::decide`), its real state dir (`edge::state::StateDir`: dedupe,
-//! queued/running markers, outbox, journal — on tmpfs) and its real outbox protocol
+//! its append-only log with the outbox — on tmpfs) and its real outbox protocol
 //! (outcome request until receipt). Only the executor is fake: it answers at once
 //! with 100 bytes of output.
 
@@ -161,13 +161,12 @@ async fn serve(
                 started_at: started,
                 duration_ms: 0,
             };
-            let path = {
+            {
                 let mut st = unit.state.lock().expect("state");
                 if st.start(&t).is_err() || st.finish(&t, &outcome).is_err() {
                     return;
                 }
-                st.outbox_path(&t)
-            };
+            }
             let bytes = Bytes::from(encode(&outcome));
             let mut wait = Duration::from_millis(100);
             loop {
@@ -177,7 +176,7 @@ async fn serve(
                 if let Ok(r) = client.send_request(subject.clone(), req).await
                     && decode::<Receipt>(&r.payload).is_ok_and(|r| r.command == t.command.id)
                 {
-                    let _ = unit.state.lock().expect("state").delivered(&path);
+                    let _ = unit.state.lock().expect("state").delivered(&t.command.id);
                     return;
                 }
                 tokio::time::sleep(wait).await;
