@@ -171,7 +171,10 @@ impl Report {
 async fn wait_responder(a: &Client, subject: &str) -> Result<()> {
     let t0 = Instant::now();
     loop {
-        match a.request(subject.to_string(), Bytes::from_static(b"probe")).await {
+        match a
+            .request(subject.to_string(), Bytes::from_static(b"probe"))
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(e) if t0.elapsed() < Duration::from_secs(5) => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -479,7 +482,7 @@ async fn main() -> Result<()> {
         );
     }
 
-    let f = Fleet::start().await?;
+    let f = Fleet::start_production_logging().await?;
     let hub_pid = f.hub.as_ref().and_then(|h| h.pid()).context("hub pid")?;
     let nats_pid = f
         .nats
@@ -754,7 +757,7 @@ async fn main() -> Result<()> {
 
     // 5. Agent footprint: a real native agent.
     if o.runs("agent") {
-        let mut f = Fleet::start().await?;
+        let mut f = Fleet::start_production_logging().await?;
         // The firmware build (static musl, release-edge) when `cargo xtask bench` could
         // make one for this CPU; else the glibc release build, labelled as such.
         let firmware = std::env::var_os("OUTPOST_FIRMWARE_AGENT").map(std::path::PathBuf::from);
@@ -875,7 +878,7 @@ fn write_report(o: &Opts, r: &Report, took: Duration) -> Result<()> {
     )?;
     writeln!(
         md,
-        "- nats-server {}, TLS on every connection, hub and agent in the `release` profile, run took {:.0?}\n",
+        "- nats-server {}, TLS on every connection, hub and agent in the `release` profile logging at their defaults (info), run took {:.0?}\n",
         sh("nats-server", &["--version"]),
         took
     )?;

@@ -221,6 +221,8 @@ pub struct Fleet {
     client: Option<Client>,
     hub_restarts: u32,
     enrolled: std::collections::HashSet<String>,
+    /// The hub's `RUST_LOG`; `None`: its own default, as in production.
+    hub_log: Option<&'static str>,
 }
 
 impl Fleet {
@@ -259,6 +261,16 @@ impl Fleet {
     /// names or addresses (e.g. the address a VM reaches the broker at), besides
     /// localhost and 127.0.0.1.
     pub async fn start_with_hosts(extra: &[&str]) -> Result<Fleet> {
+        Fleet::start_inner(extra, Some("info,outpost_hub=debug,async_nats=warn")).await
+    }
+
+    /// Like [`Fleet::start`], with the hub logging as it does in production (info, no
+    /// debug lines per command): for benchmarks, which should measure that.
+    pub async fn start_production_logging() -> Result<Fleet> {
+        Fleet::start_inner(&[], None).await
+    }
+
+    async fn start_inner(extra: &[&str], hub_log: Option<&'static str>) -> Result<Fleet> {
         let hub = bin("outpost-hub");
         // OUTPOST_KEEP_TEST_DIRS=1 keeps each fleet's logs and state for a post-mortem.
         let keep = std::env::var_os("OUTPOST_KEEP_TEST_DIRS").is_some();
@@ -296,6 +308,7 @@ impl Fleet {
             client: None,
             hub_restarts: 0,
             enrolled: Default::default(),
+            hub_log,
         };
         f.start_nats().await?;
         f.connect_client().await?;
@@ -337,8 +350,11 @@ impl Fleet {
             .arg(self.pki().join("hub-signing.pk8"))
             .arg("--nkey-file")
             .arg(self.pki().join("hub.nk"))
-            .args(["--name", "central", "--ack-timeout", "1s"])
-            .env("RUST_LOG", "info,outpost_hub=debug,async_nats=warn");
+            .args(["--name", "central", "--ack-timeout", "1s"]);
+        match self.hub_log {
+            Some(l) => cmd.env("RUST_LOG", l),
+            None => cmd.env_remove("RUST_LOG"),
+        };
         self.hub_restarts += 1;
         let log = self
             .dir
