@@ -348,7 +348,7 @@ async fn bare_fanout(f: &Fleet, n: usize, conns: usize) -> Result<Duration> {
     // A connection's subscriptions reach the server in order: its last one answering
     // means all of them are in place.
     for c in 0..conns.min(n) {
-        let last = (c..n).step_by(conns).last().unwrap_or(c);
+        let last = (c..n).step_by(conns).next_back().unwrap_or(c);
         wait_responder(&driver, &format!("bench.fan.{last}")).await?;
     }
     let mut back = driver.subscribe("bench.back.>").await?;
