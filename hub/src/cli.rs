@@ -6,12 +6,14 @@ use async_nats::{Client, Request, RequestErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use outpost_wire::api::{
-    ApiReply, CmdState, CommandRecord, NodeView, NodesRequest, SendRequest, ShowRequest,
+    ApiReply, CmdState, CommandRecord, MAX_TARGETS, NodeView, NodesRequest, SendManyReply,
+    SendManyRequest, SendRequest, ShowRequest, Target,
 };
 use outpost_wire::subject::Subjects;
 use outpost_wire::{MsgId, Status, decode, encode, now_ms};
 use serde::{Serialize, de::DeserializeOwned};
-use std::io::Write;
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 /// How long one API call may take before the CLI says the hub is not answering.
@@ -104,6 +106,189 @@ pub async fn send(
         }
     }
     Ok(rec)
+}
+
+/// `send` to many units: `send_many` calls in flight at once.
+pub const SEND_MANY_CALLS: usize = 4;
+
+/// What `send_many` is given besides its targets: the command they all get.
+pub struct Many {
+    pub domain: String,
+    pub method: outpost_wire::Method,
+    pub timeout_ms: u32,
+    pub ttl_ms: u64,
+}
+
+/// One target of `send_many`: its final (or, without waiting, queued) record, or why
+/// it was not queued.
+pub type ManyResult = (String, Result<CommandRecord, String>);
+
+/// The same command to each of `targets` (in calls of at most `MAX_TARGETS`), and
+/// unless `wait` is false, follow every one to its final state, with a progress bar
+/// on a terminal when `progress`. Results are in the order of `targets`.
+pub async fn send_many(
+    client: &Client,
+    subjects: &Subjects,
+    targets: &[String],
+    many: Many,
+    wait: bool,
+    progress: bool,
+) -> anyhow::Result<Vec<ManyResult>> {
+    // Subscribe before sending so no state change is missed.
+    let mut events = client.subscribe(subjects.all_events()).await?;
+    let mut results: Vec<ManyResult> = Vec::with_capacity(targets.len());
+    let calls = targets.chunks(MAX_TARGETS as usize).map(|chunk| {
+        let req = SendManyRequest {
+            targets: chunk
+                .iter()
+                .map(|to| Target {
+                    to: to.clone(),
+                    id: MsgId::new(now_ms()),
+                })
+                .collect(),
+            domain: many.domain.clone(),
+            method: many.method.clone(),
+            timeout_ms: many.timeout_ms,
+            ttl_ms: many.ttl_ms,
+        };
+        async move {
+            let reply: SendManyReply = call(client, subjects, "send_many", &req).await?;
+            anyhow::ensure!(
+                reply.len() == chunk.len(),
+                "the hub answered {} of {} targets",
+                reply.len(),
+                chunk.len()
+            );
+            anyhow::Ok(chunk.iter().cloned().zip(reply).collect::<Vec<_>>())
+        }
+    });
+    // A few calls at once keep the hub's cores busy; the replies stay in order.
+    let parts: Vec<anyhow::Result<Vec<ManyResult>>> = futures_util::stream::iter(calls)
+        .buffered(SEND_MANY_CALLS)
+        .collect()
+        .await;
+    for part in parts {
+        results.extend(part?);
+    }
+    if !wait {
+        return Ok(results);
+    }
+    // Index of each command still on its way.
+    let mut pending: HashMap<MsgId, usize> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, r))| match r {
+            Ok(rec) if !rec.state.is_final() => Some((rec.id, i)),
+            _ => None,
+        })
+        .collect();
+    let queued = results.iter().filter(|(_, r)| r.is_ok()).count() as u64;
+    let bar = if progress && std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(queued);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "outpost: {bar:30} {pos}/{len} units final, {msg} [{elapsed}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_position(queued - pending.len() as u64);
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut not_ok = results
+        .iter()
+        .filter(|(_, r)| matches!(r, Ok(rec) if rec.state.is_final() && rec.state != CmdState::Succeeded))
+        .count();
+    while !pending.is_empty() {
+        bar.set_message(format!("{not_ok} did not succeed"));
+        let mut got = Vec::new();
+        match tokio::time::timeout(POLL_EVERY, events.next()).await {
+            Ok(Some(msg)) => {
+                if let Ok(r) = decode::<CommandRecord>(&msg.payload) {
+                    got.push(r);
+                }
+            }
+            Ok(None) => bail!("event subscription closed"),
+            // Quiet for a while: re-read what is still pending (events can be missed
+            // across a hub restart).
+            Err(_) => {
+                let ids: Vec<MsgId> = pending.keys().copied().collect();
+                got =
+                    futures_util::stream::iter(ids)
+                        .map(|id| async move {
+                            call(client, subjects, "show", &ShowRequest { id }).await
+                        })
+                        .buffer_unordered(32)
+                        .filter_map(|r| async move { r.ok() })
+                        .collect()
+                        .await;
+            }
+        }
+        for r in got {
+            if let Some(&i) = pending.get(&r.id) {
+                if r.state.is_final() {
+                    pending.remove(&r.id);
+                    bar.inc(1);
+                    if r.state != CmdState::Succeeded {
+                        not_ok += 1;
+                    }
+                }
+                results[i].1 = Ok(r);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(results)
+}
+
+/// Print what `send` to many units ended with: each unit's output, its lines
+/// prefixed with the unit's name (stdout to stdout, stderr to stderr), a status line
+/// for each unit that did not succeed, and a summary on stderr.
+pub fn print_many(results: &[ManyResult]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (node, r) in results {
+        match r {
+            Ok(rec) => {
+                if let Some(o) = &rec.outcome {
+                    for line in String::from_utf8_lossy(&o.stdout).lines() {
+                        writeln!(out, "{node}: {line}")?;
+                    }
+                    out.flush()?;
+                    for line in String::from_utf8_lossy(&o.stderr).lines() {
+                        eprintln!("{node}: {line}");
+                    }
+                }
+                *counts.entry(rec.state.word()).or_default() += 1;
+                if rec.state != CmdState::Succeeded {
+                    eprintln!("outpost: {}", status_line(rec));
+                }
+            }
+            Err(e) => {
+                eprintln!("outpost: {node}: not queued: {e}");
+                *counts.entry("not queued").or_default() += 1;
+            }
+        }
+    }
+    let summary: Vec<String> = counts.iter().map(|(w, n)| format!("{n} {w}")).collect();
+    eprintln!("outpost: {} units: {}", results.len(), summary.join(", "));
+    Ok(())
+}
+
+/// The exit code of `send` to many units: 255 if a unit's command could not be
+/// queued; else 0 when no unit's command ended other than succeeded (without
+/// waiting, most are still on their way); else the code of the first unit, in the
+/// order given, that did not succeed, as `send` to it alone would end.
+pub fn many_exit_code(results: &[ManyResult]) -> u8 {
+    if results.iter().any(|(_, r)| r.is_err()) {
+        return exit::ERROR;
+    }
+    results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .find(|rec| rec.state.is_final() && rec.state != CmdState::Succeeded)
+        .map_or(0, exit_code)
 }
 
 /// The exit code `send` ends with for a final record.

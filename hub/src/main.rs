@@ -155,9 +155,11 @@ struct ServeArgs {
 struct SendArgs {
     #[command(flatten)]
     nats: NatsArgs,
-    /// The unit to command.
-    #[arg(long)]
-    to: String,
+    /// The unit to command. Several (comma-separated or repeated) get the same
+    /// command each: their outputs are printed with the unit's name before each
+    /// line, and `send` exits 0 only if every one succeeded.
+    #[arg(long, required = true, value_delimiter = ',', value_name = "UNIT")]
+    to: Vec<String>,
     /// What to do: exec, ping, file.write, file.read.
     #[arg(long, short, default_value = "exec")]
     method: String,
@@ -213,6 +215,12 @@ enum PkiCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `--timeout` as the wire has it: ms, 0 for the unit's default.
+fn timeout_ms(a: &SendArgs) -> u32 {
+    a.timeout
+        .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32)
 }
 
 fn method_of(a: &SendArgs) -> anyhow::Result<Method> {
@@ -346,16 +354,51 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             serve::serve(cfg, client, shutdown_signal()).await?;
             Ok(0)
         }
+        Cmd::Send(a) if a.to.len() > 1 => {
+            let mut seen = std::collections::HashSet::new();
+            if let Some(twice) = a.to.iter().find(|t| !seen.insert(t.as_str())) {
+                anyhow::bail!("--to names {twice} twice");
+            }
+            let many = cli::Many {
+                domain: a.domain.clone(),
+                method: method_of(&a)?,
+                timeout_ms: timeout_ms(&a),
+                ttl_ms: a.deadline.as_millis() as u64,
+            };
+            let client = a.nats.connect_once("outpost-hub send").await?;
+            let subjects = Subjects::new(&a.nats.prefix);
+            let results =
+                cli::send_many(&client, &subjects, &a.to, many, !a.no_wait, !a.json).await?;
+            if a.json {
+                let v: Vec<serde_json::Value> = results
+                    .iter()
+                    .map(|(node, r)| match r {
+                        Ok(rec) => cli::record_json(rec),
+                        Err(e) => serde_json::json!({ "node": node, "error": e }),
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if a.no_wait {
+                for (node, r) in &results {
+                    match r {
+                        Ok(rec) => println!("{node}\t{}", rec.id),
+                        Err(e) => eprintln!("outpost: {node}: not queued: {e}"),
+                    }
+                }
+            }
+            if !a.json && !a.no_wait {
+                cli::print_many(&results)?;
+            }
+            Ok(cli::many_exit_code(&results))
+        }
         Cmd::Send(a) => {
             let method = method_of(&a)?;
             let req = SendRequest {
                 id: MsgId::new(now_ms()),
-                to: a.to.clone(),
+                to: a.to[0].clone(),
                 domain: a.domain.clone(),
                 method,
-                timeout_ms: a
-                    .timeout
-                    .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32),
+                timeout_ms: timeout_ms(&a),
                 ttl_ms: a.deadline.as_millis() as u64,
             };
             let client = a.nats.connect_once("outpost-hub send").await?;

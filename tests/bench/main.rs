@@ -15,10 +15,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use outpost_hub::cli;
 use outpost_tests::{AgentOpts, Fleet};
-use outpost_wire::api::{CommandRecord, SendRequest};
+use outpost_wire::api::{CmdState, SendRequest};
 use outpost_wire::subject::Subjects;
-use outpost_wire::{Method, MsgId, decode, now_ms};
-use std::collections::HashSet;
+use outpost_wire::{Method, MsgId, now_ms};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -378,46 +377,23 @@ async fn bare_fanout(f: &Fleet, n: usize, conns: usize) -> Result<Duration> {
     Ok(t)
 }
 
-/// outpost fan-out: one command to each of `names`, until every outcome is stored.
+/// outpost fan-out: one command to each of `names`, as `outpost-hub send --to <all>`
+/// does it (`send_many` calls of 1,000 units), until every outcome is stored.
 async fn outpost_fanout(op: &Client, s: &Subjects, names: &[String]) -> Result<Duration> {
-    let mut events = op.subscribe(format!("{}.event.cmd.*", s.prefix())).await?;
-    op.flush().await?;
     let t0 = Instant::now();
-    let sender = {
-        let (op, s, names) = (op.clone(), s.clone(), names.to_vec());
-        tokio::spawn(async move {
-            futures_util::stream::iter(names)
-                .map(|n| {
-                    let (op, s) = (op.clone(), s.clone());
-                    async move {
-                        let req = send_req(&n);
-                        loop {
-                            match cli::call::<_, CommandRecord>(&op, &s, "send", &req).await {
-                                Ok(_) => break,
-                                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                            }
-                        }
-                    }
-                })
-                .buffer_unordered(256)
-                .for_each(|_| async {})
-                .await
-        })
+    let many = cli::Many {
+        domain: String::new(),
+        method: Method::Ping,
+        timeout_ms: 0,
+        ttl_ms: 600_000,
     };
-    let mut done = HashSet::new();
-    while done.len() < names.len() {
-        let m = tokio::time::timeout(Duration::from_secs(120), events.next())
-            .await
-            .context("fan-out stalled")?
-            .context("events ended")?;
-        if let Ok(r) = decode::<CommandRecord>(&m.payload)
-            && r.state.is_final()
-        {
-            done.insert(r.id);
-        }
-    }
+    let results = cli::send_many(op, s, names, many, true, false).await?;
     let t = t0.elapsed();
-    sender.await?;
+    let ok = results
+        .iter()
+        .filter(|(_, r)| matches!(r, Ok(rec) if rec.state == CmdState::Succeeded))
+        .count();
+    anyhow::ensure!(ok == names.len(), "{ok} of {} succeeded", names.len());
     Ok(t)
 }
 
@@ -698,10 +674,24 @@ async fn main() -> Result<()> {
         .await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss1 = rss_kib(hub_pid);
+        let writes0 = kv_writes(&op, &s).await?;
         let cpu = Cpu::now(hub_pid, nats_pid);
         let t = outpost_fanout(&op, &s, &fleet.names).await?;
         r.notes
             .push(cpu.per_command(hub_pid, nats_pid, &format!("fan-out to {n} units"), n));
+        tokio::time::sleep(outpost_hub::serve::ACCEPTED_WRITE_DELAY * 2).await;
+        let writes1 = kv_writes(&op, &s).await?;
+        r.row(
+            &format!("fan-out to {n} units: KV writes per command"),
+            format!(
+                "{:.2} + {:.2}",
+                (writes1.0 - writes0.0) as f64 / n as f64,
+                (writes1.1 - writes0.1) as f64 / n as f64
+            ),
+            "-".into(),
+            "-".into(),
+            "",
+        );
         r.row(
             &format!("fan-out to {n} units: all outcomes stored"),
             ms(t),

@@ -433,3 +433,97 @@ async fn a_retried_send_queues_the_command_once() {
         Ok(())
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_to_many_units_in_one_call() {
+    scenario!(f, {
+        f.start_agent("pi-1", &AgentOpts::default()).await?;
+        f.start_agent("pi-2", &AgentOpts::default()).await?;
+
+        // Every unit's output, each line under its unit's name; exit 0 when all succeed.
+        let o = f.cli(&[
+            "send",
+            "--to",
+            "pi-1,pi-2",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; echo oops >&2",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert!(
+            out.contains("pi-1: hi\n") && out.contains("pi-2: hi\n"),
+            "{out}"
+        );
+        assert!(stderr(&o).contains("pi-2: oops"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("2 units: 2 succeeded"),
+            "{}",
+            stderr(&o)
+        );
+
+        // A unit that never comes: its command expires; the exit code is the one
+        // `send` to it alone gives, and the others still ran.
+        let o = f.cli(&[
+            "send",
+            "--to",
+            "pi-1",
+            "--to",
+            "ghost,pi-2",
+            "--deadline",
+            "2s",
+            "--",
+            "true",
+        ]);
+        assert_eq!(o.status.code(), Some(126), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("1 expired") && err.contains("2 succeeded"),
+            "{err}"
+        );
+        assert!(err.contains("exec expired on ghost"), "{err}");
+
+        // The first failure in the order given sets the exit code.
+        let o = f.cli(&["send", "--to", "pi-2,pi-1", "--", "sh", "-c", "exit 3"]);
+        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+        assert!(stderr(&o).contains("2 failed"), "{}", stderr(&o));
+
+        // A bad target is reported and the good ones are still sent: 255.
+        let o = f.cli(&["send", "--json", "--to", "pi-1,a.b", "--", "true"]);
+        assert_eq!(o.status.code(), Some(255), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        assert_eq!(v[0]["node"], "pi-1");
+        assert_eq!(v[0]["state"], "succeeded");
+        assert_eq!(v[1]["node"], "a.b");
+        assert!(
+            v[1]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("invalid node name")),
+            "{v}"
+        );
+
+        // Naming a unit twice is refused before anything is sent.
+        let o = f.cli(&["send", "--to", "pi-1,pi-1", "--", "true"]);
+        assert_eq!(o.status.code(), Some(255));
+        assert!(stderr(&o).contains("names pi-1 twice"), "{}", stderr(&o));
+
+        // --no-wait: one `unit<TAB>id` line each; every id is a real command.
+        let o = f.cli(&["send", "--no-wait", "--to", "pi-1,pi-2", "--", "true"]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let lines: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for (line, unit) in lines.iter().zip(["pi-1", "pi-2"]) {
+            let (node, id) = line.split_once('\t').expect("unit<TAB>id");
+            assert_eq!(node, unit);
+            let id: MsgId = id.parse()?;
+            let rec = outpost_tests::eventually("the command to finish", T, || async {
+                f.show(id).await.ok().filter(|r| r.state.is_final())
+            })
+            .await?;
+            assert_eq!(rec.state, CmdState::Succeeded);
+            assert_eq!(rec.node, unit);
+        }
+        Ok(())
+    });
+}

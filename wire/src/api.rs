@@ -18,6 +18,34 @@ pub struct SendRequest {
     pub ttl_ms: u64,
 }
 
+/// `<prefix>.api.send_many`: the same command to many units in one call (at most
+/// [`MAX_TARGETS`]; callers split longer lists). Each target carries its own command
+/// id, chosen by the caller as for `send`, so a retried call queues nothing twice.
+/// Reply: one entry per target, in order: its record, or why it was not queued.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendManyRequest {
+    pub targets: Vec<Target>,
+    pub domain: String,
+    pub method: Method,
+    /// Execution timeout on the unit in ms (0: the unit's default).
+    pub timeout_ms: u32,
+    /// How long the hub keeps trying to deliver, in ms from now.
+    pub ttl_ms: u64,
+}
+
+/// One unit of a [`SendManyRequest`] and the id its command gets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub to: String,
+    pub id: MsgId,
+}
+
+/// The reply to `send_many`.
+pub type SendManyReply = Vec<Result<CommandRecord, String>>;
+
+/// Most targets one `send_many` call may name: about 100 KiB of request and of reply.
+pub const MAX_TARGETS: u32 = 1000;
+
 /// `<prefix>.api.show`: one command's record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShowRequest {

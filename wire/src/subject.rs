@@ -80,6 +80,11 @@ impl Subjects {
         format!("{}.event.cmd.{id}", self.prefix)
     }
 
+    /// Every command's events (what `send` to many units follows).
+    pub fn all_events(&self) -> String {
+        format!("{}.event.cmd.*", self.prefix)
+    }
+
     /// The node name in a unit-report subject (`<prefix>.hub.<kind>.<node>`).
     pub fn node_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
         let rest = subject.strip_prefix(&self.prefix)?.strip_prefix(".hub.")?;
