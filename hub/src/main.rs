@@ -130,11 +130,14 @@ Examples:
   outpost-hub send --to pi-17 --method file.write --data-file motd -- /etc/motd
   outpost-hub send --to pi-17 --method file.read -- /etc/os-release
   outpost-hub send --to pi-17 --method ping --no-wait
+  outpost-hub send --to pi-1,pi-2,pi-3 -- systemctl is-active nginx
 
 Exit status: 0 when the command succeeded; the unit's exit code when it failed with
 one; 1 failed without an exit code; 124 timed out on the unit; 125 rejected by the
 unit; 126 expired before the unit accepted it; 255 outpost could not do it (bad
-input, broker or hub unreachable).";
+input, broker or hub unreachable). With several units: 0 when every one succeeded,
+else the status of the first unit (in the order given) that did not; 255 when a
+unit's command could not be queued (the others are still sent).";
 
 #[derive(clap::Args)]
 struct ServeArgs {

@@ -25,7 +25,7 @@ use outpost_wire::{
     names, now_ms,
 };
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
@@ -143,6 +143,10 @@ pub struct Hub {
     /// Updates of one command are serialised in this process (an ACK and its outcome
     /// often arrive together); compare-and-set still guards against other writers.
     update_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Deferred `Accepted` writes, due in this order (one delay for all): one task
+    /// writes them, instead of a sleeping task per ACK.
+    deferred: Mutex<VecDeque<(Instant, MsgId)>>,
+    deferred_kick: tokio::sync::Notify,
 }
 
 /// Shards of `Hub::update_locks`.
@@ -195,6 +199,8 @@ pub async fn serve(
         update_locks: (0..UPDATE_SHARDS)
             .map(|_| tokio::sync::Mutex::new(()))
             .collect(),
+        deferred: Mutex::new(VecDeque::new()),
+        deferred_kick: tokio::sync::Notify::new(),
     });
     // Subscribe before recovering so no report falls between the two.
     let results = client.subscribe(subjects.all_results()).await?;
@@ -216,6 +222,7 @@ pub async fn serve(
         tokio::spawn(report_loop(hub.clone(), logs, slots.clone(), Kind::Log)),
         tokio::spawn(report_loop(hub.clone(), api, slots, Kind::Api)),
         tokio::spawn(watch_presence(hub.clone())),
+        tokio::spawn(write_deferred(hub.clone())),
     ];
     shutdown.await;
     info!("hub shutting down");
@@ -255,6 +262,33 @@ async fn report_loop(
             }
             drop(permit);
         });
+    }
+}
+
+/// Write each deferred `Accepted` when it is due, unless its outcome's write
+/// carried it first (then `flush` finds nothing unsaved and writes nothing).
+async fn write_deferred(hub: Arc<Hub>) {
+    loop {
+        let next = hub.deferred.lock().expect("deferred lock").front().copied();
+        match next {
+            None => hub.deferred_kick.notified().await,
+            // Entries added meanwhile are due later than this one.
+            Some((due, _)) if due > Instant::now() => tokio::time::sleep_until(due).await,
+            Some(_) => {
+                let now = Instant::now();
+                let due: Vec<MsgId> = {
+                    let mut q = hub.deferred.lock().expect("deferred lock");
+                    let n = q.iter().take_while(|(at, _)| *at <= now).count();
+                    q.drain(..n).map(|(_, id)| id).collect()
+                };
+                futures_util::stream::iter(due)
+                    .for_each_concurrent(64, |id| {
+                        let hub = hub.clone();
+                        async move { hub.flush(&id).await }
+                    })
+                    .await;
+            }
+        }
     }
 }
 
@@ -585,11 +619,11 @@ impl Hub {
             }
             Ok(Some(_)) => {
                 debug!(node, command = %id, "command accepted");
-                let hub = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(ACCEPTED_WRITE_DELAY).await;
-                    hub.flush(&id).await;
-                });
+                self.deferred
+                    .lock()
+                    .expect("deferred lock")
+                    .push_back((Instant::now() + ACCEPTED_WRITE_DELAY, id));
+                self.deferred_kick.notify_one();
             }
             // Its outcome is stored already.
             Ok(None) => debug!(node, command = %id, "command accepted and finished"),

@@ -458,7 +458,7 @@ async fn main() -> Result<()> {
         );
     }
 
-    let f = Fleet::start_production_logging().await?;
+    let mut f = Fleet::start_production_logging().await?;
     let hub_pid = f.hub.as_ref().and_then(|h| h.pid()).context("hub pid")?;
     let nats_pid = f
         .nats
@@ -654,6 +654,11 @@ async fn main() -> Result<()> {
 
     // 4. Fan-out, and hub memory per idle unit.
     for &n in o.fanouts.iter().filter(|_| o.runs("fan")) {
+        // A fresh hub: its RSS before the units come is the daemon's own, not what
+        // earlier sections left in its allocator.
+        f.kill_hub();
+        f.start_hub().await?;
+        let hub_pid = f.hub.as_ref().and_then(|h| h.pid()).context("hub pid")?;
         let bare = bare_fanout(&f, n, 100).await?;
         let rss0 = rss_kib(hub_pid);
         let fleet = sim::start(&f, &format!("fan{n}"), n, n.div_ceil(100)).await?;
