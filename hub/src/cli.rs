@@ -200,19 +200,23 @@ pub async fn send_many(
         .iter()
         .filter(|(_, r)| matches!(r, Ok(rec) if rec.state.is_final() && rec.state != CmdState::Succeeded))
         .count();
+    // Other commands' events arrive on the same subscription: poll when none of ours
+    // has moved for a while, not when the subscription is quiet.
+    let mut progressed = tokio::time::Instant::now();
     while !pending.is_empty() {
         bar.set_message(format!("{not_ok} did not succeed"));
         let mut got = Vec::new();
-        match tokio::time::timeout(POLL_EVERY, events.next()).await {
+        match tokio::time::timeout_at(progressed + POLL_EVERY, events.next()).await {
             Ok(Some(msg)) => {
                 if let Ok(r) = decode::<CommandRecord>(&msg.payload) {
                     got.push(r);
                 }
             }
             Ok(None) => bail!("event subscription closed"),
-            // Quiet for a while: re-read what is still pending (events can be missed
-            // across a hub restart).
+            // None of ours moved for a while: re-read what is still pending (events
+            // can be missed across a hub restart).
             Err(_) => {
+                progressed = tokio::time::Instant::now();
                 let ids: Vec<MsgId> = pending.keys().copied().collect();
                 got =
                     futures_util::stream::iter(ids)
@@ -227,6 +231,7 @@ pub async fn send_many(
         }
         for r in got {
             if let Some(&i) = pending.get(&r.id) {
+                progressed = tokio::time::Instant::now();
                 if r.state.is_final() {
                     pending.remove(&r.id);
                     bar.inc(1);
