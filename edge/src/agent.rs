@@ -410,7 +410,7 @@ async fn say_hello(agent: Arc<Agent>) {
         };
         let hello = Hello {
             agent_version: crate::VERSION.into(),
-            arch: std::env::consts::ARCH.into(),
+            arch: crate::arch().into(),
             os: os.clone(),
             kernel: kernel.clone(),
             uptime_s: inventory::uptime_s(),

@@ -10,6 +10,20 @@ pub const VERSION: &str = match option_env!("OUTPOST_VERSION") {
     None => env!("CARGO_PKG_VERSION"),
 };
 
+/// The target triple this agent was built for (from `build.rs`).
+pub const TARGET: &str = env!("OUTPOST_TARGET");
+
+/// The CPU family the agent reports in its hello: the triple's first part, with
+/// 32-bit ARM told apart (`armv7`, and `armv6` for `arm-…`, the Pi Zero and Pi 1
+/// build), since the two need different binaries. Else Rust's `target_arch`.
+pub fn arch() -> &'static str {
+    match TARGET.split('-').next() {
+        Some("arm") => "armv6",
+        Some(a) if a.starts_with("armv7") => "armv7",
+        _ => std::env::consts::ARCH,
+    }
+}
+
 pub mod agent;
 pub mod config;
 pub mod intake;
@@ -17,3 +31,15 @@ pub mod inventory;
 pub mod methods;
 pub mod policy;
 pub mod state;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn arch_names_the_build() {
+        // Host builds keep Rust's name; the ARM names are checked under qemu-user.
+        if !super::TARGET.starts_with("arm") {
+            assert_eq!(super::arch(), std::env::consts::ARCH);
+        }
+        assert!(!super::TARGET.is_empty());
+    }
+}

@@ -22,7 +22,7 @@ struct Unit {
     qemu: &'static str,
     /// The CPU model of the real unit, so instructions it lacks trap here too.
     cpu: &'static str,
-    /// `std::env::consts::ARCH` on the unit: what the hub's nodes table must show.
+    /// `outpost_edge::arch()` of the build: what the hub's nodes table must show.
     arch: &'static str,
     node: &'static str,
 }
@@ -38,14 +38,14 @@ const ARMV7: Unit = Unit {
     triple: "armv7-unknown-linux-musleabihf",
     qemu: "qemu-arm-static",
     cpu: "cortex-a7",
-    arch: "arm",
+    arch: "armv7",
     node: "pi2-32",
 };
 const ARMV6: Unit = Unit {
     triple: "arm-unknown-linux-musleabihf",
     qemu: "qemu-arm-static",
     cpu: "arm1176",
-    arch: "arm",
+    arch: "armv6",
     node: "pi-zero",
 };
 
