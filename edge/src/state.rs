@@ -271,14 +271,7 @@ impl StateDir {
                 if command.id != id || f.next().is_some() {
                     return None;
                 }
-                self.next_seq = self.next_seq.max(seq + 1);
-                self.seen.insert(
-                    id,
-                    Seen {
-                        deadline: command.deadline,
-                        recorded: Recorded::Pending,
-                    },
-                );
+                self.remember(id, command.deadline, Recorded::Pending);
                 self.put_live(seq, id, Stage::Queued, payload_span(at, line));
                 commands.insert(id, command);
             }
@@ -297,14 +290,7 @@ impl StateDir {
                 if outcome.command != id || f.next().is_some() {
                     return None;
                 }
-                self.next_seq = self.next_seq.max(seq + 1);
-                self.seen.insert(
-                    id,
-                    Seen {
-                        deadline,
-                        recorded: Recorded::Finished(outcome.status),
-                    },
-                );
+                self.remember(id, deadline, Recorded::Finished(outcome.status));
                 self.put_live(seq, id, Stage::Outbox { deadline }, payload_span(at, line));
                 commands.remove(&id);
             }
@@ -318,20 +304,21 @@ impl StateDir {
                 let id: MsgId = f.next()?.parse().ok()?;
                 let deadline: u64 = f.next()?.parse().ok()?;
                 let status: Status = decode(&unhex(f.next()?)?).ok()?;
-                self.seen.insert(
-                    id,
-                    Seen {
-                        deadline,
-                        recorded: Recorded::Finished(status),
-                    },
-                );
+                self.remember(id, deadline, Recorded::Finished(status));
             }
             _ => return None,
         }
         Some(())
     }
 
+    /// Record what is known of a command for duplicate detection.
+    fn remember(&mut self, id: MsgId, deadline: u64, recorded: Recorded) {
+        self.seen.insert(id, Seen { deadline, recorded });
+    }
+
+    /// Track a live entry under its acceptance number (which later ones follow).
     fn put_live(&mut self, seq: u64, id: MsgId, stage: Stage, span: Span) {
+        self.next_seq = self.next_seq.max(seq + 1);
         if let Some(old) = self.seq_of.insert(id, seq)
             && old != seq
         {
@@ -392,14 +379,7 @@ impl StateDir {
         let seq = self.next_seq;
         let line = format!("A {seq} {} {}\n", command.id, hex(&encode(command)));
         let at = self.append(&line, true)?;
-        self.next_seq += 1;
-        self.seen.insert(
-            command.id,
-            Seen {
-                deadline: command.deadline,
-                recorded: Recorded::Pending,
-            },
-        );
+        self.remember(command.id, command.deadline, Recorded::Pending);
         let span = payload_span(at, line.trim_end());
         self.put_live(seq, command.id, Stage::Queued, span);
         Ok(Ticket {
@@ -430,12 +410,10 @@ impl StateDir {
         let at = self.append(&line, true)?;
         let span = payload_span(at, line.trim_end());
         self.put_live(t.seq, t.command.id, Stage::Outbox { deadline }, span);
-        self.seen.insert(
+        self.remember(
             t.command.id,
-            Seen {
-                deadline,
-                recorded: Recorded::Finished(outcome.status.clone()),
-            },
+            deadline,
+            Recorded::Finished(outcome.status.clone()),
         );
         self.prune(now_ms());
         Ok(())

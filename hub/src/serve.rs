@@ -70,20 +70,31 @@ struct Template {
 }
 
 impl Template {
-    fn check(&self) -> Result<(), String> {
-        names::check_domain(&self.domain).map_err(|e| e.to_string())?;
-        if self.ttl_ms == 0 || self.ttl_ms > MAX_TTL_MS {
+    fn checked(
+        domain: String,
+        method: Method,
+        timeout_ms: u32,
+        ttl_ms: u64,
+    ) -> Result<Template, String> {
+        let t = Template {
+            domain,
+            method,
+            timeout_ms,
+            ttl_ms,
+        };
+        names::check_domain(&t.domain).map_err(|e| e.to_string())?;
+        if t.ttl_ms == 0 || t.ttl_ms > MAX_TTL_MS {
             return Err(format!(
                 "deadline must be between 1 ms and {} days",
                 MAX_TTL_MS / 86_400_000
             ));
         }
-        if let Method::Exec(e) = &self.method
+        if let Method::Exec(e) = &t.method
             && e.argv.is_empty()
         {
             return Err("exec needs a program: give it after --".into());
         }
-        Ok(())
+        Ok(t)
     }
 }
 
@@ -873,13 +884,7 @@ impl Hub {
 
     async fn api_send(self: &Arc<Self>, payload: &[u8]) -> Result<CommandRecord, String> {
         let req: SendRequest = decode(payload).map_err(|e| format!("bad send request: {e}"))?;
-        let t = Template {
-            domain: req.domain,
-            method: req.method,
-            timeout_ms: req.timeout_ms,
-            ttl_ms: req.ttl_ms,
-        };
-        t.check()?;
+        let t = Template::checked(req.domain, req.method, req.timeout_ms, req.ttl_ms)?;
         let stored = self.prepare(&t, &req.to, req.id, now_ms())?;
         self.queue_new(stored).await
     }
@@ -896,13 +901,7 @@ impl Hub {
                 req.targets.len()
             ));
         }
-        let t = Template {
-            domain: req.domain,
-            method: req.method,
-            timeout_ms: req.timeout_ms,
-            ttl_ms: req.ttl_ms,
-        };
-        t.check()?;
+        let t = Template::checked(req.domain, req.method, req.timeout_ms, req.ttl_ms)?;
         let now = now_ms();
         let mut seen = HashSet::new();
         let prepared: Vec<Result<StoredCommand, String>> = req
