@@ -231,7 +231,10 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
             let mut c = cargo();
             c.args(["build", "--profile", &args.profile])
                 .args(["-p", pkg])
-                .args(["--target", t.triple]);
+                .args(["--target", t.triple])
+                // ring's C and assembly: Debian's cross gcc, which this route installs.
+                .env(cc_var("CC", t.triple), "aarch64-linux-gnu-gcc")
+                .env(cc_var("AR", t.triple), "aarch64-linux-gnu-ar");
             stamp(&mut c);
             run(&mut c)
                 .with_context(|| format!("building {pkg} for {} (rustup route)", t.triple))?;
@@ -272,6 +275,13 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
                 .env_remove("RUSTDOC");
             for t in &debian {
                 cmd.args(["--target", t.triple]);
+                // zig for C and archives, set here because the environment wins over
+                // every config file: a CC from `.cargo/config.toml` or an outer shell
+                // would call a compiler this route never installs (issue 15).
+                let wrapper = root().join(".cargo/zig").join(zig_wrapper(t.triple));
+                cmd.env(cc_var("CC", t.triple), &wrapper)
+                    .env(cc_var("AR", t.triple), root().join(".cargo/zig/ar"))
+                    .env(cc_var("CFLAGS", t.triple), "-fno-sanitize=undefined");
             }
             stamp(&mut cmd);
             run(&mut cmd).with_context(|| {
@@ -401,6 +411,20 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
         );
     }
     Ok(built)
+}
+
+/// `CC_aarch64_unknown_linux_musl` and the like: what cc-rs reads for one target.
+fn cc_var(tool: &str, triple: &str) -> String {
+    format!("{tool}_{}", triple.replace('-', "_"))
+}
+
+/// The `.cargo/zig/` wrapper that runs `zig cc` for one target.
+fn zig_wrapper(triple: &str) -> &'static str {
+    match triple.split('-').next() {
+        Some("aarch64") => "cc-aarch64",
+        Some("armv7") => "cc-armv7",
+        _ => "cc-armv6",
+    }
 }
 
 fn built_one(t: &'static Target, route: Route, path: PathBuf, took: Duration) -> Result<Built> {
