@@ -14,8 +14,9 @@ pub const DEFAULT_HELLO_INTERVAL_S: u32 = 15;
 /// Cap per output stream: large enough for `journalctl -n 1000`, small enough that an
 /// outcome always fits one NATS message (1 MiB default `max_payload`).
 pub const DEFAULT_OUTPUT_CAP: u32 = 128 * 1024;
-/// Hard upper bound for `output_cap`: stdout + stderr + framing must fit 1 MiB.
-pub const MAX_OUTPUT_CAP: u32 = 480 * 1024;
+/// Hard upper bound for `output_cap`: two outputs, a reason and the signed command
+/// must fit one stored record (`outpost_wire::limits`).
+pub const MAX_OUTPUT_CAP: u32 = outpost_wire::limits::MAX_OUTPUT_CAP;
 /// Execution timeout when the command names none.
 pub const DEFAULT_TIMEOUT_MS: u32 = 5 * 60 * 1000;
 /// Commands accepted but not yet started; at the bound the agent answers `Busy` and
@@ -33,10 +34,16 @@ pub struct FileConfig {
     pub ca_file: Option<PathBuf>,
     pub nkey_file: Option<PathBuf>,
     pub hub_key: Option<String>,
+    /// More hub keys to trust besides `hub_key` (the next key of a rotation).
+    #[serde(default)]
+    pub hub_keys: Vec<String>,
     pub state_dir: Option<PathBuf>,
     pub prefix: Option<String>,
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Start TLS before the broker says anything (its config must have
+    /// `handshake_first`, as `outpost-hub pki init` writes it).
+    pub tls_first: Option<bool>,
     pub hello_interval_s: Option<u32>,
     pub output_cap: Option<u32>,
     pub default_timeout_ms: Option<u32>,
@@ -55,8 +62,13 @@ pub struct Config {
     /// The unit's NATS nkey seed file (from `outpost-hub enroll`); the seed itself is
     /// read at connect time and never kept in the config or logged.
     pub nkey_file: Option<PathBuf>,
-    pub hub_key: PublicKey,
+    /// The hub keys the config trusts: `hub_key` first, then `hub_keys`. A `hub.keys`
+    /// command's set, kept in the state dir, replaces them (`crate::trust`).
+    pub hub_keys: Vec<PublicKey>,
     pub state_dir: PathBuf,
+    pub tls_first: bool,
+    /// The config file, if any: never readable or writable by a command.
+    pub config_file: Option<PathBuf>,
     pub prefix: String,
     pub labels: Vec<(String, String)>,
     pub hello_interval: Duration,
@@ -112,6 +124,8 @@ pub struct Overrides {
     pub prefix: Option<String>,
     pub labels: Vec<String>,
     pub hello_interval_s: Option<u32>,
+    pub tls_first: Option<bool>,
+    pub config_file: Option<PathBuf>,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -167,7 +181,20 @@ impl Config {
             "OUTPOST_HUB_KEY",
             "hub_key",
         ))?;
-        let hub_key = hub_key.parse().map_err(ConfigError::HubKey)?;
+        let mut hub_keys: Vec<PublicKey> = vec![hub_key.parse().map_err(ConfigError::HubKey)?];
+        for k in &f.hub_keys {
+            let k: PublicKey = k.parse().map_err(ConfigError::HubKey)?;
+            if !hub_keys.contains(&k) {
+                hub_keys.push(k);
+            }
+        }
+        if hub_keys.len() > outpost_wire::MAX_HUB_KEYS {
+            return Err(ConfigError::Range(
+                "hub_key and hub_keys together",
+                1,
+                outpost_wire::MAX_HUB_KEYS as u32,
+            ));
+        }
         let state_dir = o
             .state_dir
             .or(f.state_dir)
@@ -207,8 +234,10 @@ impl Config {
             nats_url,
             ca_file,
             nkey_file,
-            hub_key,
+            hub_keys,
             state_dir,
+            tls_first: o.tls_first.or(f.tls_first).unwrap_or(false),
+            config_file: o.config_file,
             prefix,
             labels,
             hello_interval: Duration::from_secs(range("hello_interval_s", hello, 1, 3600)? as u64),

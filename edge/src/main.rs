@@ -53,6 +53,9 @@ struct RunArgs {
     /// Seconds between hellos [default: 15].
     #[arg(long, env = "OUTPOST_HELLO_INTERVAL")]
     hello_interval: Option<u32>,
+    /// Start TLS before the broker speaks (the broker must allow it: `handshake_first`).
+    #[arg(long, env = "OUTPOST_TLS_FIRST", action = clap::ArgAction::Set)]
+    tls_first: Option<bool>,
 }
 
 fn build(a: RunArgs) -> Result<Config, config::ConfigError> {
@@ -71,6 +74,8 @@ fn build(a: RunArgs) -> Result<Config, config::ConfigError> {
             prefix: a.prefix,
             labels: a.labels,
             hello_interval_s: a.hello_interval,
+            tls_first: a.tls_first,
+            config_file: a.config.clone(),
         },
         file,
     )

@@ -18,6 +18,14 @@ pub struct Limits {
 pub fn check_args(method: &Method) -> Result<(), String> {
     match method {
         Method::Ping => Ok(()),
+        Method::HubKeys(k) if k.keys.is_empty() || k.keys.len() > outpost_wire::MAX_HUB_KEYS => {
+            Err(format!(
+                "hub.keys needs 1 to {} keys, got {}",
+                outpost_wire::MAX_HUB_KEYS,
+                k.keys.len()
+            ))
+        }
+        Method::HubKeys(_) => Ok(()),
         Method::Exec(e) if e.argv.is_empty() || e.argv[0].is_empty() => {
             Err("exec needs a program: argv is empty".into())
         }
@@ -56,6 +64,8 @@ pub async fn run(id: MsgId, method: &Method, limits: Limits) -> Outcome {
         Method::Exec(e) => exec(e, limits).await,
         Method::FileWrite(w) => file_write(w, id).await,
         Method::FileRead(r) => file_read(r, limits).await,
+        // The agent runs it at intake: it needs the key that signed it.
+        Method::HubKeys(_) => failed("hub.keys is run by the agent, not here".into()),
     };
     out.command = id;
     out.started_at = started_at;

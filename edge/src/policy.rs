@@ -44,7 +44,7 @@ impl Default for AllowConfig {
 }
 
 /// Every method the agent knows.
-pub const BUILTIN_METHODS: &[&str] = &["ping", "exec", "file.write", "file.read"];
+pub const BUILTIN_METHODS: &[&str] = &["ping", "exec", "file.write", "file.read", "hub.keys"];
 
 /// A policy that does not make sense.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +117,11 @@ impl Policy {
         }
     }
 
+    /// Whether `[allow] methods` lists this method.
+    pub fn allows_method(&self, name: &str) -> bool {
+        self.methods.iter().any(|m| m == name)
+    }
+
     /// Whether this command may run here; the rejection names the config key to change.
     pub fn check(&self, method: &Method) -> Result<(), Rejection> {
         let no = |detail: String| {
@@ -132,7 +137,7 @@ impl Policy {
             ));
         }
         match method {
-            Method::Ping => Ok(()),
+            Method::Ping | Method::HubKeys(_) => Ok(()),
             Method::Exec(e) => {
                 if self.exec.iter().any(|p| argv_matches(p, &e.argv)) {
                     Ok(())

@@ -12,26 +12,37 @@
 //!   R <id> <deadline> <status hex>       finished and receipted, remembered to answer
 //!                                        a re-delivery `Duplicate` (written by compaction)
 //! ```
-//! Three fdatasyncs per command. A lost `D` (power cut before the next sync) only
-//! sends that outcome again, and the hub answers a duplicate outcome with a receipt.
+//! Three fdatasyncs per command, two when it starts at once (`A` and `S` are synced
+//! together). A lost `D` (power cut before the next sync) only sends that outcome
+//! again, and the hub answers a duplicate outcome with a receipt.
 //! A torn last line (power cut mid-append) is cut off when the log is opened; a
 //! complete line that does not parse (outside damage) is skipped and copied to
 //! `log.corrupt` for a human. When most of the log is dead it is rewritten (temporary
 //! file, fsync, rename, directory fsync) with only what is live.
+//!
+//! Memory does not grow with the log: it is read line by line at open (a Pi Zero with
+//! a long outbox must not run out of memory at every start), outcomes stay on disk
+//! and are read back by offset, and the ids remembered for duplicate detection are
+//! bounded by count ([`MAX_SEEN`]) and forgotten by the hub's clock, never the unit's
+//! (ADR 0011).
 
-use outpost_wire::{Command, MsgId, Outcome, Recorded, Status, decode, encode, now_ms};
+use outpost_wire::{
+    Command, MsgId, Outcome, RejectCode, Recorded, Rejection, Status, decode, encode, now_ms,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// Finished commands remembered for duplicate detection, at most. A replay of a
-/// command forgotten earlier is still refused when its deadline has passed.
-pub const MAX_SEEN: usize = 4096;
-/// How long past its deadline a finished command is remembered: covers clock skew
-/// between hub and unit, so a late re-delivery is answered `Duplicate`, not run.
-pub const RETAIN_AFTER_DEADLINE_MS: u64 = 24 * 3600 * 1000;
+/// Finished commands remembered for duplicate detection, at most (about 40 bytes
+/// each). An id is forgotten only once its deadline has passed by the hub's clock (a
+/// re-delivery is then refused as expired, never run); when this many are still
+/// within their deadline the unit answers new commands `Busy` rather than forget one.
+pub const MAX_SEEN: usize = 16_384;
+/// How long past its deadline (hub clock) a finished command is still remembered, so
+/// that a late re-delivery gets `Duplicate` with what happened, not `Expired`.
+pub const RETAIN_AFTER_DEADLINE_MS: u64 = 3600 * 1000;
 /// The log is compacted once it is this much larger than twice what is live in it.
 const COMPACT_SLACK_BYTES: u64 = 1 << 20;
 const COMPACT_SLACK_LINES: usize = 64;
@@ -74,10 +85,54 @@ pub struct Recovery {
     pub imported: usize,
 }
 
-#[derive(Debug, Clone)]
+/// What is remembered of a command: its deadline and how it stands, without the
+/// reason texts (a duplicate is answered with the status; the outcome itself is in,
+/// or went through, the outbox).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Seen {
     deadline: u64,
-    recorded: Recorded,
+    kept: Kept,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    Pending,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Rejected(RejectCode),
+    Expired,
+}
+
+/// The reason a remembered status stands for, its text not kept.
+const NOT_KEPT: &str = "(reason not kept; see the command's outcome)";
+
+impl Kept {
+    fn of(r: &Recorded) -> Kept {
+        match r {
+            Recorded::Pending => Kept::Pending,
+            Recorded::Finished(Status::Succeeded) => Kept::Succeeded,
+            Recorded::Finished(Status::Failed(_)) => Kept::Failed,
+            Recorded::Finished(Status::TimedOut) => Kept::TimedOut,
+            Recorded::Finished(Status::Rejected(r)) => Kept::Rejected(r.code),
+            Recorded::Finished(Status::Expired(_)) => Kept::Expired,
+        }
+    }
+
+    fn recorded(self) -> Recorded {
+        let done = Recorded::Finished;
+        match self {
+            Kept::Pending => Recorded::Pending,
+            Kept::Succeeded => done(Status::Succeeded),
+            Kept::Failed => done(Status::Failed(NOT_KEPT.into())),
+            Kept::TimedOut => done(Status::TimedOut),
+            Kept::Rejected(code) => done(Status::Rejected(Rejection {
+                code,
+                detail: NOT_KEPT.into(),
+            })),
+            Kept::Expired => done(Status::Expired(NOT_KEPT.into())),
+        }
+    }
 }
 
 /// Where a line's hex payload lies in the log.
@@ -139,6 +194,33 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Fault injection for the tests of compaction: `OUTPOST_STATE_FAULT=<point>` makes
+/// the named step fail. Test builds only.
+#[cfg(test)]
+fn fault(point: &str) -> Result<(), StateError> {
+    FAULT.with(|f| {
+        if f.borrow().as_deref() == Some(point) {
+            Err(StateError {
+                op: "inject a fault at",
+                path: PathBuf::from(point),
+                source: io::Error::other("injected"),
+            })
+        } else {
+            Ok(())
+        }
+    })
+}
+
+#[cfg(not(test))]
+fn fault(_point: &str) -> Result<(), StateError> {
+    Ok(())
+}
+
+#[cfg(test)]
+thread_local! {
+    static FAULT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StateError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -170,25 +252,16 @@ impl StateDir {
         fs::create_dir_all(root).map_err(err("create", root))?;
         let path = root.join("log");
         let fresh = !path.exists();
-        let mut log = open_log(&path)?;
+        let log = open_log(&path)?;
         if fresh {
             sync_dir(root)?;
         }
-        let mut bytes = Vec::new();
-        log.read_to_end(&mut bytes).map_err(err("read", &path))?;
-        // A torn last line: cut it off, so the next line starts clean.
-        let good = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        if good < bytes.len() {
-            log.set_len(good as u64)
-                .and_then(|_| log.sync_data())
-                .map_err(err("cut the torn end of", &path))?;
-            bytes.truncate(good);
-        }
+        let file_len = log.metadata().map_err(err("read", &path))?.len();
         let mut dir = StateDir {
             root: root.to_path_buf(),
-            path,
+            path: path.clone(),
             log,
-            len: good as u64,
+            len: 0,
             lines: 0,
             seen: HashMap::new(),
             live: BTreeMap::new(),
@@ -197,36 +270,66 @@ impl StateDir {
             max_seen: MAX_SEEN,
         };
         let mut rec = Recovery::default();
-        let mut commands = HashMap::new();
-        let mut corrupt = Vec::new();
+        // Line by line: memory is the longest line, not the log.
+        let mut corrupt: Option<File> = None;
         let mut at = 0u64;
-        for piece in bytes.split_inclusive(|&b| b == b'\n') {
-            let line = &piece[..piece.len() - 1];
-            let ok = std::str::from_utf8(line)
-                .ok()
-                .and_then(|l| dir.replay(l, at, &mut commands));
-            if ok.is_none() {
-                corrupt.extend_from_slice(line);
-                corrupt.push(b'\n');
-                rec.corrupt_lines += 1;
+        {
+            let reading = File::open(&path).map_err(err("open", &path))?;
+            let mut reader = BufReader::with_capacity(64 * 1024, reading);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                let n = reader.read_until(b'\n', &mut buf).map_err(err("read", &path))?;
+                if n == 0 || buf.last() != Some(&b'\n') {
+                    // The end, or a torn last line (power cut mid-append).
+                    break;
+                }
+                let line = &buf[..n - 1];
+                let ok = std::str::from_utf8(line)
+                    .ok()
+                    .and_then(|l| dir.replay(l, at));
+                if ok.is_none() {
+                    let p = dir.root.join("log.corrupt");
+                    if corrupt.is_none() {
+                        corrupt = Some(
+                            OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(&p)
+                                .map_err(err("open", &p))?,
+                        );
+                    }
+                    if let Some(f) = corrupt.as_mut() {
+                        f.write_all(&buf).map_err(err("write", &p))?;
+                    }
+                    rec.corrupt_lines += 1;
+                }
+                at += n as u64;
+                dir.lines += 1;
             }
-            at += line.len() as u64 + 1;
-            dir.lines += 1;
         }
-        drop(bytes);
-        if !corrupt.is_empty() {
-            let p = dir.root.join("log.corrupt");
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .and_then(|mut f| f.write_all(&corrupt))
-                .map_err(err("write", &p))?;
+        // A torn last line: cut it off, so the next line starts clean.
+        if at < file_len {
+            dir.log
+                .set_len(at)
+                .and_then(|_| dir.log.sync_data())
+                .map_err(err("cut the torn end of", &path))?;
         }
-        rec.imported = dir.import_legacy(&mut commands)?;
+        dir.len = at;
+        rec.imported = dir.import_legacy()?;
         let entries: Vec<(u64, Live)> = dir.live.iter().map(|(s, l)| (*s, *l)).collect();
         for (seq, l) in entries {
-            let Some(command) = commands.remove(&l.id) else {
+            if matches!(l.stage, Stage::Outbox { .. }) {
+                continue;
+            }
+            // Queued or running: its command is the A line's payload, read back now
+            // (only these few are ever held in memory).
+            let Some(command) = dir
+                .read_span(l.span)
+                .ok()
+                .and_then(|t| unhex(&t))
+                .and_then(|b| decode::<Command>(&b).ok())
+            else {
                 continue;
             };
             let ticket = Ticket { seq, command };
@@ -251,17 +354,13 @@ impl StateDir {
                 Stage::Outbox { .. } => {}
             }
         }
-        dir.prune(now_ms());
+        // Forget nothing yet: the hub's clock is unknown until it speaks.
+        dir.prune(None);
         Ok((dir, rec))
     }
 
     /// Apply one log line read back at offset `at`; `None` if it does not parse.
-    fn replay(
-        &mut self,
-        line: &str,
-        at: u64,
-        commands: &mut HashMap<MsgId, Command>,
-    ) -> Option<()> {
+    fn replay(&mut self, line: &str, at: u64) -> Option<()> {
         let mut f = line.split(' ');
         match f.next()? {
             "A" => {
@@ -273,7 +372,6 @@ impl StateDir {
                 }
                 self.remember(id, command.deadline, Recorded::Pending);
                 self.put_live(seq, id, Stage::Queued, payload_span(at, line));
-                commands.insert(id, command);
             }
             "S" => {
                 let id: MsgId = f.next()?.parse().ok()?;
@@ -292,7 +390,6 @@ impl StateDir {
                 }
                 self.remember(id, deadline, Recorded::Finished(outcome.status));
                 self.put_live(seq, id, Stage::Outbox { deadline }, payload_span(at, line));
-                commands.remove(&id);
             }
             "D" => {
                 let id: MsgId = f.next()?.parse().ok()?;
@@ -313,7 +410,13 @@ impl StateDir {
 
     /// Record what is known of a command for duplicate detection.
     fn remember(&mut self, id: MsgId, deadline: u64, recorded: Recorded) {
-        self.seen.insert(id, Seen { deadline, recorded });
+        self.seen.insert(
+            id,
+            Seen {
+                deadline,
+                kept: Kept::of(&recorded),
+            },
+        );
     }
 
     /// Track a live entry under its acceptance number (which later ones follow).
@@ -363,25 +466,47 @@ impl StateDir {
 
     /// What the unit recorded for a command id, if it has seen it.
     pub fn lookup(&self, id: &MsgId) -> Option<Recorded> {
-        self.seen.get(id).map(|s| s.recorded.clone())
+        self.seen.get(id).map(|s| s.kept.recorded())
     }
 
     /// Commands accepted and not yet finished.
     pub fn pending(&self) -> usize {
-        self.seen
+        self.live
             .values()
-            .filter(|s| s.recorded == Recorded::Pending)
+            .filter(|l| !matches!(l.stage, Stage::Outbox { .. }))
             .count()
     }
 
-    /// Durably record acceptance. Only after this returns may the command be ACKed.
-    pub fn accept(&mut self, command: &Command) -> Result<Ticket, StateError> {
+    /// Whether the duplicate memory is full of ids it may not forget yet (their
+    /// deadlines have not passed): new commands must wait (`Busy`).
+    pub fn full(&self) -> bool {
+        self.seen.len() >= self.max_seen
+    }
+
+    /// Durably record acceptance (and, when `start`, that it started at once: both
+    /// lines, one sync). Only after this returns may the command be ACKed.
+    pub fn accept(&mut self, command: &Command, start: bool) -> Result<Ticket, StateError> {
         let seq = self.next_seq;
-        let line = format!("A {seq} {} {}\n", command.id, hex(&encode(command)));
+        let a = format!("A {seq} {} {}\n", command.id, hex(&encode(command)));
+        let now = now_ms();
+        let line = if start {
+            format!("{a}S {} {now}\n", command.id)
+        } else {
+            a.clone()
+        };
         let at = self.append(&line, true)?;
+        if start {
+            // Two lines in one append.
+            self.lines += 1;
+        }
         self.remember(command.id, command.deadline, Recorded::Pending);
-        let span = payload_span(at, line.trim_end());
-        self.put_live(seq, command.id, Stage::Queued, span);
+        let span = payload_span(at, a.trim_end());
+        let stage = if start {
+            Stage::Running { started: now }
+        } else {
+            Stage::Queued
+        };
+        self.put_live(seq, command.id, stage, span);
         Ok(Ticket {
             seq,
             command: command.clone(),
@@ -415,7 +540,6 @@ impl StateDir {
             deadline,
             Recorded::Finished(outcome.status.clone()),
         );
-        self.prune(now_ms());
         Ok(())
     }
 
@@ -464,25 +588,18 @@ impl StateDir {
         r
     }
 
-    /// Forget finished commands past their retention, then the oldest beyond
-    /// `MAX_SEEN`; compact the log when most of it is dead.
-    fn prune(&mut self, now: u64) {
-        self.seen.retain(|_, s| {
-            s.recorded == Recorded::Pending
-                || s.deadline.saturating_add(RETAIN_AFTER_DEADLINE_MS) > now
-        });
-        if self.seen.len() > self.max_seen {
-            let mut finished: Vec<(u64, MsgId)> = self
-                .seen
-                .iter()
-                .filter(|(id, s)| s.recorded != Recorded::Pending && !self.seq_of.contains_key(id))
-                .map(|(id, s)| (s.deadline, *id))
-                .collect();
-            finished.sort();
-            let excess = self.seen.len() - self.max_seen;
-            for (_, id) in finished.into_iter().take(excess) {
-                self.seen.remove(&id);
-            }
+    /// Forget finished, receipted commands whose deadline passed (with a margin) by
+    /// the hub's clock `hub_now` (unknown: forget nothing); compact the log when most
+    /// of it is dead. Never forgets an id still within its deadline: at [`MAX_SEEN`] of
+    /// those, [`StateDir::full`] says so and the unit answers `Busy`.
+    pub fn prune(&mut self, hub_now: Option<u64>) {
+        if let Some(now) = hub_now {
+            let live = &self.seq_of;
+            self.seen.retain(|id, s| {
+                s.kept == Kept::Pending
+                    || live.contains_key(id)
+                    || s.deadline.saturating_add(RETAIN_AFTER_DEADLINE_MS) > now
+            });
         }
         self.maybe_compact();
     }
@@ -514,10 +631,10 @@ impl StateDir {
             Ok(at)
         };
         for (id, s) in &self.seen {
-            if let Recorded::Finished(status) = &s.recorded
+            if let Recorded::Finished(status) = s.kept.recorded()
                 && !self.seq_of.contains_key(id)
             {
-                let line = format!("R {id} {} {}\n", s.deadline, hex(&encode(status)));
+                let line = format!("R {id} {} {}\n", s.deadline, hex(&encode(&status)));
                 put(&mut w, &line)?;
             }
         }
@@ -545,22 +662,25 @@ impl StateDir {
             .into_inner()
             .map_err(|e| err("write", &tmp)(e.into_error()))?;
         file.sync_all().map_err(err("fsync", &tmp))?;
+        // The handle to append to from now on, opened before the rename: a rename that
+        // succeeds and a reopen that then fails would leave the agent appending to the
+        // old, unlinked file (every later line lost).
+        let new_log = open_log(&tmp)?;
+        fault("compact:before-rename")?;
         fs::rename(&tmp, &self.path).map_err(err("rename into place", &self.path))?;
-        sync_dir(&self.root)?;
-        self.log = open_log(&self.path)?;
+        // From here the new file is the log, whatever else fails.
+        self.log = new_log;
         self.len = len;
         self.lines = lines;
         self.live = live;
-        Ok(())
+        fault("compact:after-rename")?;
+        sync_dir(&self.root)
     }
 
     /// Take over the layout of ADR 0002 (`queued/`, `running/`, `outbox/` with one
     /// file per command, and a `journal`), left by an agent upgraded in place:
     /// appended to the log, synced, then removed. Returns how many entries it took.
-    fn import_legacy(
-        &mut self,
-        commands: &mut HashMap<MsgId, Command>,
-    ) -> Result<usize, StateError> {
+    fn import_legacy(&mut self) -> Result<usize, StateError> {
         let journal = self.root.join("journal");
         let subs = ["queued", "running", "outbox"];
         if !journal.exists() && subs.iter().all(|s| !self.root.join(s).exists()) {
@@ -615,7 +735,7 @@ impl StateDir {
         for line in &lines {
             let at = self.append(&format!("{line}\n"), false)?;
             // A running entry is an `A` and an `S` line; count it once.
-            if self.replay(line, at, commands).is_some() && !line.starts_with('S') {
+            if self.replay(line, at).is_some() && !line.starts_with('S') {
                 taken += 1;
             }
         }
@@ -649,6 +769,7 @@ mod tests {
             domain: String::new(),
             timeout_ms: 0,
             method: Method::Ping,
+            sent_at: 0,
         }
     }
 
@@ -679,17 +800,17 @@ mod tests {
         {
             let (mut s, rec) = StateDir::open(dir.path()).unwrap();
             assert!(rec.queued.is_empty());
-            let a = s.accept(&cmd(1)).unwrap();
-            let b = s.accept(&cmd(2)).unwrap();
-            let c = s.accept(&cmd(3)).unwrap();
-            let d = s.accept(&cmd(4)).unwrap();
+            let a = s.accept(&cmd(1), false).unwrap();
+            let b = s.accept(&cmd(2), false).unwrap();
+            let c = s.accept(&cmd(3), false).unwrap();
+            let d = s.accept(&cmd(4), false).unwrap();
             s.start(&a).unwrap();
             s.finish(&a, &outcome(a.command.id)).unwrap();
             s.start(&b).unwrap();
             s.start(&d).unwrap();
             // c and e stay queued, in acceptance order; b and d are "running" when
             // everything is dropped (a crash).
-            let e = s.accept(&cmd(5)).unwrap();
+            let e = s.accept(&cmd(5), false).unwrap();
             assert_eq!(s.lookup(&c.command.id), Some(Recorded::Pending));
             assert_eq!(s.lookup(&e.command.id), Some(Recorded::Pending));
             assert_eq!(s.pending(), 4);
@@ -734,7 +855,7 @@ mod tests {
     fn three_synced_lines_per_command() {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = StateDir::open(dir.path()).unwrap();
-        let a = s.accept(&cmd(1)).unwrap();
+        let a = s.accept(&cmd(1), false).unwrap();
         s.start(&a).unwrap();
         s.finish(&a, &outcome(a.command.id)).unwrap();
         s.delivered(&a.command.id).unwrap();
@@ -750,7 +871,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = StateDir::open(dir.path()).unwrap();
-            let a = s.accept(&cmd(1)).unwrap();
+            let a = s.accept(&cmd(1), false).unwrap();
             s.finish(&a, &outcome(a.command.id)).unwrap();
         }
         let mut j = OpenOptions::new()
@@ -762,7 +883,7 @@ mod tests {
             let (mut s, rec) = StateDir::open(dir.path()).unwrap();
             assert_eq!(rec.corrupt_lines, 0, "a torn line is not damage");
             assert!(s.lookup(&MsgId([1; 16])).is_some());
-            s.accept(&cmd(2)).unwrap();
+            s.accept(&cmd(2), false).unwrap();
         }
         let (s, rec) = StateDir::open(dir.path()).unwrap();
         assert_eq!(rec.corrupt_lines, 0);
@@ -775,7 +896,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut s, _) = StateDir::open(dir.path()).unwrap();
-            s.accept(&cmd(1)).unwrap();
+            s.accept(&cmd(1), false).unwrap();
         }
         let mut j = OpenOptions::new()
             .append(true)
@@ -785,7 +906,7 @@ mod tests {
         drop(j);
         {
             let (mut s, _) = StateDir::open(dir.path()).unwrap();
-            s.accept(&cmd(2)).unwrap();
+            s.accept(&cmd(2), false).unwrap();
         }
         let (_, rec) = StateDir::open(dir.path()).unwrap();
         assert_eq!(rec.corrupt_lines, 1);
@@ -795,31 +916,41 @@ mod tests {
     }
 
     #[test]
-    fn seen_set_is_bounded_and_log_compacts_keeping_what_is_live() {
+    fn ids_are_forgotten_by_hub_time_only_and_the_log_compacts_keeping_what_is_live() {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = StateDir::open(dir.path()).unwrap();
         s.max_seen = 50;
-        let waiting = s.accept(&cmd(200)).unwrap();
-        let running = s.accept(&cmd(201)).unwrap();
-        s.start(&running).unwrap();
-        let unreceipted = s.accept(&cmd(202)).unwrap();
+        let waiting = s.accept(&cmd(200), false).unwrap();
+        let running = s.accept(&cmd(201), true).unwrap();
+        let unreceipted = s.accept(&cmd(202), false).unwrap();
         s.finish(&unreceipted, &outcome(unreceipted.command.id))
             .unwrap();
-        let mut last = MsgId([0; 16]);
-        for i in 0..300 {
+        let mut ids = vec![];
+        for i in 0..300u64 {
             let mut c = cmd(0);
-            c.id = MsgId::new(i as u64);
-            last = c.id;
-            let t = s.accept(&c).unwrap();
-            s.start(&t).unwrap();
+            c.id = MsgId::new(i);
+            c.deadline = 1_000 + i;
+            ids.push(c.id);
+            let t = s.accept(&c, true).unwrap();
             s.finish(&t, &outcome(c.id)).unwrap();
             s.delivered(&c.id).unwrap();
+            // The unit's own clock plays no part: without hub time nothing goes.
+            s.prune(None);
         }
-        assert!(s.seen.len() <= 50 + 3);
+        assert!(s.full(), "full of ids it may not forget yet");
+        assert!(s.lookup(&ids[0]).is_some());
+        // Hub time past the first 100 deadlines (and the margin): those go, no others.
+        s.prune(Some(1_099 + RETAIN_AFTER_DEADLINE_MS));
+        assert!(s.lookup(&ids[0]).is_none() && s.lookup(&ids[99]).is_none());
+        assert!(s.lookup(&ids[100]).is_some() && s.lookup(&ids[299]).is_some());
+        // Live ones are never forgotten, whatever the time.
+        s.prune(Some(u64::MAX));
+        for live in [&waiting, &running, &unreceipted] {
+            assert!(s.lookup(&live.command.id).is_some());
+        }
+        assert!(!s.full());
         let lines = log_lines(dir.path()).len();
-        assert!(lines <= 2 * 53 + 64 + 4, "log has {lines} lines");
-        assert_eq!(s.outbox(), vec![unreceipted.command.id]);
-        assert!(s.outcome_bytes(&unreceipted.command.id).unwrap().is_some());
+        assert!(lines <= 2 * 10 + 64 + 8, "log has {lines} lines");
         drop(s);
         let (s, rec) = StateDir::open(dir.path()).unwrap();
         assert_eq!(rec.corrupt_lines, 0);
@@ -834,8 +965,87 @@ mod tests {
         let o: Outcome =
             decode(&s.outcome_bytes(&unreceipted.command.id).unwrap().unwrap()).unwrap();
         assert_eq!(o.stdout, b"hi");
-        // A remembered command is still a duplicate after compaction and restart.
-        assert!(s.lookup(&last).is_some());
+    }
+
+    #[test]
+    fn accepted_and_started_together_cost_one_sync_and_recover_as_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = StateDir::open(dir.path()).unwrap();
+            s.accept(&cmd(1), true).unwrap();
+        }
+        let kinds: Vec<String> = log_lines(dir.path())
+            .iter()
+            .map(|l| l[..1].to_string())
+            .collect();
+        assert_eq!(kinds, ["A", "S"]);
+        let (s, rec) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(rec.interrupted, vec![MsgId([1; 16])]);
+        assert_eq!(s.outbox().len(), 1);
+    }
+
+    #[test]
+    fn a_compaction_that_fails_after_its_rename_keeps_writing_to_the_new_log() {
+        for point in ["compact:before-rename", "compact:after-rename"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut s, _) = StateDir::open(dir.path()).unwrap();
+            let keep = s.accept(&cmd(9), false).unwrap();
+            for i in 0..100u64 {
+                let mut c = cmd(0);
+                c.id = MsgId::new(i);
+                let t = s.accept(&c, true).unwrap();
+                s.finish(&t, &outcome(c.id)).unwrap();
+                s.delivered(&c.id).unwrap();
+            }
+            FAULT.with(|f| *f.borrow_mut() = Some(point.into()));
+            assert!(s.compact().is_err(), "{point}: the fault fired");
+            FAULT.with(|f| *f.borrow_mut() = None);
+            // What comes after the failed compaction is in the log the next start reads.
+            let later = s.accept(&cmd(10), false).unwrap();
+            drop(s);
+            let (_, rec) = StateDir::open(dir.path()).unwrap();
+            let queued: Vec<MsgId> = rec.queued.iter().map(|t| t.command.id).collect();
+            assert_eq!(
+                queued,
+                vec![keep.command.id, later.command.id],
+                "{point}: nothing written after the failure is lost"
+            );
+            assert_eq!(rec.corrupt_lines, 0, "{point}");
+        }
+    }
+
+    #[test]
+    fn opening_a_long_log_holds_one_line_at_a_time() {
+        // 40 MB of outbox: outcomes stay on disk, read back by offset.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = StateDir::open(dir.path()).unwrap();
+            for i in 0..40u64 {
+                let mut c = cmd(0);
+                c.id = MsgId::new(i + 1);
+                let t = s.accept(&c, true).unwrap();
+                let mut o = outcome(c.id);
+                o.stdout = vec![b'y'; 512 * 1024];
+                s.finish(&t, &o).unwrap();
+            }
+        }
+        let size = std::fs::metadata(dir.path().join("log")).unwrap().len();
+        assert!(size > 40_000_000, "{size}");
+        let before = peak_rss_kib();
+        let (s, _) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(s.outbox().len(), 40);
+        let grew = peak_rss_kib().saturating_sub(before);
+        // One line (1 MiB of hex) and bookkeeping, not 40 MB.
+        assert!(grew < 16 * 1024, "opening grew the peak RSS by {grew} KiB");
+    }
+
+    fn peak_rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     #[test]
@@ -871,7 +1081,7 @@ mod tests {
             assert!(!root.join(sub).exists(), "{sub} is left behind");
         }
         // New acceptances continue after the imported sequence numbers.
-        assert!(s.accept(&cmd(7)).unwrap().seq > 5);
+        assert!(s.accept(&cmd(7), false).unwrap().seq > 5);
     }
 
     #[test]

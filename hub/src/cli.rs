@@ -6,11 +6,12 @@ use async_nats::{Client, Request, RequestErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use outpost_wire::api::{
-    ApiReply, CmdState, CommandRecord, MAX_TARGETS, NodeView, NodesRequest, SendManyReply,
-    SendManyRequest, SendRequest, ShowRequest, Target,
+    ApiError, ApiReply, CmdState, CommandRecord, MAX_TARGETS, NodeRequest, NodeView, NodesPage,
+    NodesRequest, SendManyReply, SendManyRequest, SendRequest, ShowRequest, Target,
 };
+use crate::machine::UNCONFIRMED_NOTE;
 use outpost_wire::subject::Subjects;
-use outpost_wire::{MsgId, Status, decode, encode, now_ms};
+use outpost_wire::{MsgId, Status, Wire, decode, encode, now_ms};
 use serde::{Serialize, de::DeserializeOwned};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -32,12 +33,16 @@ pub mod exit {
     pub const REJECTED: u8 = 125;
     /// The deadline passed before the unit accepted it; it never ran.
     pub const EXPIRED: u8 = 126;
+    /// The deadline passed, but the unit may have accepted it before (its ACK was
+    /// lost): not known yet; the hub records the outcome if the unit reports one.
+    pub const UNCONFIRMED: u8 = 75;
     /// outpost itself failed: bad input, broker or hub unreachable.
     pub const ERROR: u8 = 255;
 }
 
-/// One API call, with errors an operator can act on.
-pub async fn call<Req: Serialize, Resp: Serialize + DeserializeOwned>(
+/// One API call, with errors an operator can act on. A refusal by the hub is an
+/// [`ApiError`] inside the `anyhow::Error` (downcast it to act on its code).
+pub async fn call<Req: Wire, Resp: Serialize + DeserializeOwned>(
     client: &Client,
     subjects: &Subjects,
     name: &str,
@@ -54,9 +59,11 @@ pub async fn call<Req: Serialize, Resp: Serialize + DeserializeOwned>(
         RequestErrorKind::TimedOut => anyhow!("the hub did not answer {subject} within {API_TIMEOUT:?}"),
         _ => anyhow!("{subject}: {e}"),
     })?;
-    match decode::<ApiReply<Resp>>(&msg.payload).context("undecodable hub reply")? {
+    match decode::<ApiReply<Resp>>(&msg.payload)
+        .context("undecodable hub reply (is the hub the same version as this CLI?)")?
+    {
         ApiReply::Ok(v) => Ok(v),
-        ApiReply::Err(e) => bail!("hub: {e}"),
+        ApiReply::Err(e) => Err(anyhow::Error::new(e)),
     }
 }
 
@@ -81,7 +88,7 @@ pub async fn send(
     }
     let mut last_state = rec.state;
     let mut last_note = String::new();
-    while !rec.state.is_final() {
+    while !rec.state.is_final() && !unconfirmed(&rec) {
         match tokio::time::timeout(POLL_EVERY, events.next()).await {
             Ok(Some(msg)) => {
                 if let Ok(r) = decode::<CommandRecord>(&msg.payload) {
@@ -108,6 +115,11 @@ pub async fn send(
     Ok(rec)
 }
 
+/// The deadline passed while the unit may have the command: `send` stops waiting.
+pub fn unconfirmed(rec: &CommandRecord) -> bool {
+    !rec.state.is_final() && rec.note.starts_with(UNCONFIRMED_NOTE)
+}
+
 /// `send` to many units: `send_many` calls in flight at once.
 pub const SEND_MANY_CALLS: usize = 4;
 
@@ -121,7 +133,7 @@ pub struct Many {
 
 /// One target of `send_many`: its final (or, without waiting, queued) record, or why
 /// it was not queued.
-pub type ManyResult = (String, Result<CommandRecord, String>);
+pub type ManyResult = (String, Result<CommandRecord, ApiError>);
 
 /// The same command to each of `targets` (in calls of at most `MAX_TARGETS`), and
 /// unless `wait` is false, follow every one to its final state, with a progress bar
@@ -178,7 +190,7 @@ pub async fn send_many(
         .iter()
         .enumerate()
         .filter_map(|(i, (_, r))| match r {
-            Ok(rec) if !rec.state.is_final() => Some((rec.id, i)),
+            Ok(rec) if !rec.state.is_final() && !unconfirmed(rec) => Some((rec.id, i)),
             _ => None,
         })
         .collect();
@@ -232,7 +244,7 @@ pub async fn send_many(
         for r in got {
             if let Some(&i) = pending.get(&r.id) {
                 progressed = tokio::time::Instant::now();
-                if r.state.is_final() {
+                if r.state.is_final() || unconfirmed(&r) {
                     pending.remove(&r.id);
                     bar.inc(1);
                     if r.state != CmdState::Succeeded {
@@ -292,12 +304,15 @@ pub fn many_exit_code(results: &[ManyResult]) -> u8 {
     results
         .iter()
         .filter_map(|(_, r)| r.as_ref().ok())
-        .find(|rec| rec.state.is_final() && rec.state != CmdState::Succeeded)
+        .find(|rec| (rec.state.is_final() && rec.state != CmdState::Succeeded) || unconfirmed(rec))
         .map_or(0, exit_code)
 }
 
-/// The exit code `send` ends with for a final record.
+/// The exit code `send` ends with for a final (or unconfirmed) record.
 pub fn exit_code(rec: &CommandRecord) -> u8 {
+    if unconfirmed(rec) {
+        return exit::UNCONFIRMED;
+    }
     match rec.state {
         CmdState::Succeeded => 0,
         CmdState::Failed => match rec.outcome.as_ref().and_then(|o| o.exit_code) {
@@ -330,15 +345,21 @@ fn status_line(rec: &CommandRecord) -> String {
         }
         s.push_str(&format!(", {} ms", o.duration_ms));
         match &o.status {
-            Status::Failed(r) => s.push_str(&format!(": {r}")),
+            Status::Failed(r) | Status::Expired(r) => s.push_str(&format!(": {r}")),
             Status::Rejected(r) => s.push_str(&format!(": {r}")),
             _ => {}
         }
         if o.truncated {
-            s.push_str(" (output truncated at the unit's cap)");
+            s.push_str(" (output truncated)");
         }
     } else if !rec.note.is_empty() {
         s.push_str(&format!(": {}", rec.note));
+    }
+    if unconfirmed(rec) {
+        s.push_str(&format!(
+            " (its outcome is recorded if the unit reports one: outpost-hub show {})",
+            rec.id
+        ));
     }
     s
 }
@@ -353,8 +374,65 @@ pub fn record_json(rec: &CommandRecord) -> serde_json::Value {
     v
 }
 
+/// Which units `nodes` lists.
+#[derive(Debug, Clone, Default)]
+pub struct NodesFilter {
+    pub online: Option<bool>,
+    /// Name glob; empty for all.
+    pub name: String,
+    /// Label selector over enrolment labels; empty for all.
+    pub selector: String,
+}
+
+/// Every unit that matches, page by page (each page one API call), handing each page
+/// to `each` as it arrives.
+pub async fn nodes_paged(
+    client: &Client,
+    subjects: &Subjects,
+    filter: &NodesFilter,
+    mut each: impl FnMut(&NodesPage),
+) -> anyhow::Result<()> {
+    let mut req = NodesRequest {
+        after: String::new(),
+        limit: 0,
+        online: filter.online,
+        name: filter.name.clone(),
+        selector: filter.selector.clone(),
+    };
+    loop {
+        let page: NodesPage = call(client, subjects, "nodes", &req).await?;
+        each(&page);
+        match page.next {
+            Some(n) => req.after = n,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Every unit the hub knows.
 pub async fn nodes(client: &Client, subjects: &Subjects) -> anyhow::Result<Vec<NodeView>> {
-    call(client, subjects, "nodes", &NodesRequest {}).await
+    let mut all = vec![];
+    nodes_paged(client, subjects, &NodesFilter::default(), |p| {
+        all.extend(p.nodes.iter().cloned())
+    })
+    .await?;
+    Ok(all)
+}
+
+/// One unit; `None` when the hub has never heard of it.
+pub async fn node(
+    client: &Client,
+    subjects: &Subjects,
+    name: &str,
+) -> anyhow::Result<Option<NodeView>> {
+    match call::<_, NodeView>(client, subjects, "node", &NodeRequest { name: name.into() }).await
+    {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => match e.downcast_ref::<ApiError>() {
+            Some(a) if a.code == outpost_wire::api::ErrorCode::UnknownUnit => Ok(None),
+            _ => Err(e),
+        },
+    }
 }
 
 /// What `wait-online` waits for.
@@ -369,7 +447,7 @@ pub struct OnlineWant {
 
 /// Why a unit's view does not (yet) satisfy `want`; None when it does.
 pub fn online_gap(n: Option<&NodeView>, want: &OnlineWant) -> Option<String> {
-    let Some(n) = n else {
+    let Some(n) = n.filter(|n| n.last_seen > 0) else {
         return Some("it has never said hello".into());
     };
     if !n.online {
@@ -405,10 +483,9 @@ pub async fn wait_online(
 ) -> anyhow::Result<Result<NodeView, String>> {
     let end = tokio::time::Instant::now() + limit;
     loop {
-        let all = nodes(client, subjects).await?;
-        let view = all.iter().find(|n| n.name == node);
-        match online_gap(view, want) {
-            None => return Ok(Ok(view.expect("a gap-free view exists").clone())),
+        let view = self::node(client, subjects, node).await?;
+        match online_gap(view.as_ref(), want) {
+            None => return Ok(Ok(view.expect("a gap-free view exists"))),
             Some(why) if tokio::time::Instant::now() >= end => {
                 return Ok(Err(format!(
                     "{node} is not online as wanted after {limit:?}: {why}"
@@ -441,31 +518,48 @@ pub fn ago(ms: u64, now: u64) -> String {
     }
 }
 
-/// The `nodes` table.
-pub fn nodes_table(nodes: &[NodeView]) -> String {
+/// A clock offset for a table: "ok" within two seconds, else "+2d", "-5m", "+40s".
+pub fn clock(offset: Option<i64>) -> String {
+    let Some(ms) = offset else {
+        return "-".into();
+    };
+    if ms.abs() <= 2000 {
+        return "ok".into();
+    }
+    let (sign, s) = (if ms < 0 { '-' } else { '+' }, ms.unsigned_abs() / 1000);
+    match s {
+        0..=59 => format!("{sign}{s}s"),
+        60..=3599 => format!("{sign}{}m", s / 60),
+        3600..=86_399 => format!("{sign}{}h", s / 3600),
+        _ => format!("{sign}{}d", s / 86_400),
+    }
+}
+
+/// The `nodes` table (its header when `header`).
+pub fn nodes_table(nodes: &[NodeView], header: bool) -> String {
     let now = now_ms();
-    let header = [
-        "NAME",
-        "STATE",
-        "SINCE",
-        "LAST SEEN",
-        "ARCH",
-        "VERSION",
-        "KERNEL",
-        "PENDING",
+    let head = [
+        "NAME", "STATE", "SINCE", "LAST SEEN", "ARCH", "VERSION", "KERNEL", "CLOCK", "PENDING",
         "LABELS",
     ];
-    let rows: Vec<[String; 9]> = nodes
+    let rows: Vec<[String; 10]> = nodes
         .iter()
         .map(|n| {
             [
                 n.name.clone(),
-                if n.online { "online" } else { "offline" }.into(),
+                match (n.enrolled, n.online, n.last_seen) {
+                    (false, _, _) => "revoked",
+                    (_, true, _) => "online",
+                    (_, false, 0) => "never-seen",
+                    _ => "offline",
+                }
+                .into(),
                 ago(n.since, now),
                 ago(n.last_seen, now),
                 n.arch.clone(),
                 n.agent_version.clone(),
                 n.kernel.clone(),
+                clock(n.clock_offset_ms),
                 n.pending.to_string(),
                 n.labels
                     .iter()
@@ -475,12 +569,8 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
+    // Fixed widths, so that pages printed as they arrive line up.
+    let widths = [16, 10, 9, 9, 7, 10, 16, 6, 7, 0];
     let line = |cells: Vec<&str>| {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
@@ -492,7 +582,7 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
         }
         s.trim_end().to_string() + "\n"
     };
-    let mut out = line(header.to_vec());
+    let mut out = if header { line(head.to_vec()) } else { String::new() };
     for r in &rows {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
@@ -575,6 +665,12 @@ mod tests {
             agent_started_at: 1,
             labels: vec![("site".into(), "a".into())],
             pending: 2,
+            enrolled: true,
+            proto_min: 1,
+            proto_max: 2,
+            methods: vec!["ping".into()],
+            allowed: vec!["ping".into()],
+            clock_offset_ms: Some(2 * 86_400_000 + 5),
         };
         let want = OnlineWant {
             agent_version: Some("0.1.0".into()),
@@ -596,11 +692,15 @@ mod tests {
                 .contains("no hello since")
         );
         assert!(online_gap(None, &want).unwrap().contains("never"));
-        let t = nodes_table(&[n]);
+        let t = nodes_table(&[n], true);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("NAME"));
         assert!(
             lines[1].contains("pi-1") && lines[1].contains("online") && lines[1].contains("site=a")
         );
+        assert!(lines[1].contains("+2d"), "{}", lines[1]);
+        assert_eq!(clock(Some(-1500)), "ok");
+        assert_eq!(clock(Some(-300_000)), "-5m");
+        assert_eq!(clock(None), "-");
     }
 }

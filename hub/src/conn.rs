@@ -21,6 +21,11 @@ pub struct NatsArgs {
     /// Subject prefix shared by hub and units.
     #[arg(long, env = "OUTPOST_PREFIX", default_value = outpost_wire::subject::DEFAULT_PREFIX)]
     pub prefix: String,
+    /// Start TLS before the broker says anything (no plain-text INFO an attacker on
+    /// the path could alter). The broker config from `pki init` allows it; pass
+    /// `--tls-first false` for a broker configured before it did.
+    #[arg(long, env = "OUTPOST_TLS_FIRST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tls_first: bool,
 }
 
 /// Why a connection could not be made.
@@ -44,6 +49,10 @@ pub enum ConnError {
 }
 
 fn hint(e: &async_nats::ConnectError, has_key: bool) -> &'static str {
+    let text = e.to_string();
+    if text.contains("tls") || text.contains("TLS") || text.contains("handshake") {
+        return " (if the broker's config predates TLS-first (no handshake_first in its tls block), pass --tls-first false or regenerate it with `outpost-hub pki init`)";
+    }
     match e.kind() {
         async_nats::ConnectErrorKind::AuthorizationViolation if !has_key => {
             " (the broker wants an identity: pass --nkey-file, e.g. the operator.nk that `pki init` made)"
@@ -57,6 +66,14 @@ fn hint(e: &async_nats::ConnectError, has_key: bool) -> &'static str {
 
 impl NatsArgs {
     fn options(&self, name: &str) -> Result<ConnectOptions, ConnError> {
+        self.options_as(name, self.nkey_file.as_deref())
+    }
+
+    fn options_as(
+        &self,
+        name: &str,
+        nkey_file: Option<&std::path::Path>,
+    ) -> Result<ConnectOptions, ConnError> {
         if !self
             .nats_url
             .split(',')
@@ -68,12 +85,15 @@ impl NatsArgs {
             return Err(ConnError::NoCa(self.ca_file.clone()));
         }
         let mut opts = ConnectOptions::new();
-        if let Some(path) = &self.nkey_file {
+        if let Some(path) = nkey_file {
             let seed = std::fs::read_to_string(path).map_err(|source| ConnError::Nkey {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source,
             })?;
             opts = opts.nkey(seed.trim().to_string());
+        }
+        if self.tls_first {
+            opts = opts.tls_first();
         }
         Ok(opts
             .name(name)
@@ -98,10 +118,16 @@ impl NatsArgs {
             .map_err(|source| self.connect_error(source))
     }
 
-    /// The daemon's connection: waits for the broker and reconnects forever.
-    pub async fn connect_daemon(&self, name: &str) -> Result<Client, ConnError> {
-        self.options(name)?
-            .custom_inbox_prefix(outpost_wire::subject::HUB_INBOX)
+    /// One of the daemon's connections: as the identity in `nkey_file`, with its own
+    /// reply inbox; waits for the broker and reconnects forever.
+    pub async fn connect_daemon(
+        &self,
+        name: &str,
+        inbox: &str,
+        nkey_file: Option<&std::path::Path>,
+    ) -> Result<Client, ConnError> {
+        self.options_as(name, nkey_file)?
+            .custom_inbox_prefix(inbox)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|n| Duration::from_millis((100u64 << n.min(6)).min(5000)))

@@ -4,6 +4,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost_hub::cli::{self, exit};
 use outpost_hub::conn::NatsArgs;
+use outpost_hub::keys::Keys;
+use outpost_hub::store::Retention;
 use outpost_hub::{enroll, pki, serve};
 use outpost_wire::api::SendRequest;
 use outpost_wire::subject::Subjects;
@@ -29,11 +31,24 @@ enum Cmd {
     /// Send a command to a unit and wait for its outcome.
     #[command(after_help = SEND_HELP)]
     Send(SendArgs),
-    /// List units: online or offline since when, inventory, pending commands.
+    /// List units: online or offline since when, inventory, clock, pending commands.
+    /// Pages through the fleet; filters run at the hub.
+    #[command(after_help = "Examples:\n  outpost-hub nodes --offline\n  outpost-hub nodes 'pi-*' --selector 'site=oslo,role!=camera'\n  outpost-hub nodes pi-17 --json")]
     Nodes {
         #[command(flatten)]
         nats: NatsArgs,
-        /// Print JSON instead of a table.
+        /// Only units whose name matches this glob (`*`, `?`); a plain name shows one unit.
+        name: Option<String>,
+        /// Only units whose enrolment labels match (`site=oslo,role!=camera,tier in (a,b)`).
+        #[arg(long, short = 'l')]
+        selector: Option<String>,
+        /// Only units online now.
+        #[arg(long, conflicts_with = "offline")]
+        online: bool,
+        /// Only units offline now (or never seen).
+        #[arg(long)]
+        offline: bool,
+        /// Print JSON (one array) instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -77,7 +92,10 @@ outpost-hub wait-online pi-17 --agent-version 0.2.0 --started-after T --timeout 
     /// Enrol a unit: its own NATS identity and permissions, and the bundle it needs
     /// (edge.toml, ca.pem, node.nk). Reloads the broker.
     Enroll(EnrollArgs),
-    /// Cut a unit off the broker: its identity stops working at once. Reloads the broker.
+    /// Cut a unit off: its identity leaves auth.conf and units.json, the local broker
+    /// is reloaded, and the hub cancels the unit's pending commands when it reads the
+    /// list. With a broker elsewhere, copy auth.conf there and reload it (the Ansible
+    /// playbook does).
     Revoke {
         /// The PKI directory (from `pki init`).
         #[arg(long, env = "OUTPOST_PKI_DIR")]
@@ -143,9 +161,30 @@ unit's command could not be queued (the others are still sent).";
 struct ServeArgs {
     #[command(flatten)]
     nats: NatsArgs,
-    /// The hub's command-signing key (PKCS#8, from `pki init`).
+    /// The hub's JetStream identity (`hub-store.nk` from `pki init`) [default: beside
+    /// --nkey-file]. The --nkey-file identity then only talks to units and operators
+    /// and cannot write to the store (ADR 0005).
+    #[arg(long, env = "OUTPOST_STORE_NKEY_FILE")]
+    store_nkey_file: Option<PathBuf>,
+    /// The enrolment list (`units.json` from `pki init`/`enroll`): the units that may
+    /// be commanded, with their labels. Re-read when it changes [default: beside
+    /// --nkey-file, if there].
+    #[arg(long, env = "OUTPOST_UNITS_FILE")]
+    units: Option<PathBuf>,
+    /// The hub's command-signing key (PKCS#8, from `pki init`): the key units are
+    /// enrolled with.
     #[arg(long, env = "OUTPOST_SIGNING_KEY")]
     signing_key: PathBuf,
+    /// During a key rotation, the next signing key: used for units that report they
+    /// trust it (see `docs/adr/0005-security.md`, key rotation).
+    #[arg(long, env = "OUTPOST_NEXT_SIGNING_KEY")]
+    next_signing_key: Option<PathBuf>,
+    /// How long finished commands are kept (`show`, history) before they expire.
+    #[arg(long, env = "OUTPOST_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// At most this many bytes of finished commands (oldest dropped first); -1: no limit.
+    #[arg(long, env = "OUTPOST_HISTORY_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
+    history_max_bytes: i64,
     /// This hub's name, carried in every command it issues.
     #[arg(long, env = "OUTPOST_HUB_NAME", default_value = "hub")]
     name: String,
@@ -295,8 +334,9 @@ fn report_reload(pki: &std::path::Path, no_reload: bool) {
         println!("broker reloaded");
     } else {
         println!(
-            "no running broker found for {}: auth.conf applies when it starts",
-            pki.display()
+            "no broker runs from {}: copy {} to the broker's config dir and reload it (`nats-server --signal reload`); the Ansible playbook does both",
+            pki.display(),
+            pki.join(enroll::AUTH_CONF).display()
         );
     }
 }
@@ -339,22 +379,59 @@ async fn shutdown_signal() {
 async fn run(cmd: Cmd) -> anyhow::Result<u8> {
     match cmd {
         Cmd::Serve(a) => {
-            let der = std::fs::read(&a.signing_key)
-                .with_context(|| format!("cannot read signing key {}", a.signing_key.display()))?;
-            let signing_key = outpost_wire::sign::SigningKey::from_pkcs8(&der)
-                .with_context(|| format!("signing key {}", a.signing_key.display()))?;
+            let keys = Keys::load(&a.signing_key, a.next_signing_key.as_deref())?;
             outpost_wire::names::check_node(&a.name).context("--name")?;
-            let client = a
+            let beside = |file: &str| {
+                a.nats
+                    .nkey_file
+                    .as_ref()
+                    .and_then(|k| k.parent())
+                    .map(|d| d.join(file))
+                    .filter(|p| p.is_file())
+            };
+            let store_nkey = a
+                .store_nkey_file
+                .clone()
+                .or_else(|| beside(enroll::HUB_STORE_NKEY));
+            let units = a.units.clone().or_else(|| beside(enroll::UNITS_FILE));
+            if units.is_none() {
+                tracing::warn!("no enrolment list (--units): any unit that says hello can be commanded, and an unknown name is refused only once the hub has never heard of it");
+            }
+            let msg = a
                 .nats
-                .connect_daemon(&format!("outpost-hub {}", a.name))
+                .connect_daemon(
+                    &format!("outpost-hub {}", a.name),
+                    &outpost_wire::subject::hub_inbox(&a.name, "msg"),
+                    a.nats.nkey_file.as_deref(),
+                )
                 .await?;
+            let store = match &store_nkey {
+                Some(k) => {
+                    a.nats
+                        .connect_daemon(
+                            &format!("outpost-hub {} store", a.name),
+                            &outpost_wire::subject::hub_inbox(&a.name, "store"),
+                            Some(k),
+                        )
+                        .await?
+                }
+                None => {
+                    tracing::warn!("no store identity (--store-nkey-file, hub-store.nk): one connection for messages and store, so a forged reply subject is stopped by the hub's own checks only");
+                    msg.clone()
+                }
+            };
             let cfg = serve::ServeConfig {
                 name: a.name,
                 prefix: a.nats.prefix.clone(),
-                signing_key,
+                keys,
                 ack_timeout: a.ack_timeout,
+                units_file: units,
+                retention: Retention {
+                    max_age: a.retention,
+                    max_bytes: a.history_max_bytes,
+                },
             };
-            serve::serve(cfg, client, shutdown_signal()).await?;
+            serve::serve(cfg, msg, store, shutdown_signal()).await?;
             Ok(0)
         }
         Cmd::Send(a) if a.to.len() > 1 => {
@@ -377,7 +454,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                     .iter()
                     .map(|(node, r)| match r {
                         Ok(rec) => cli::record_json(rec),
-                        Err(e) => serde_json::json!({ "node": node, "error": e }),
+                        Err(e) => serde_json::json!({ "node": node, "error": e.message, "code": e.code }),
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -416,13 +493,47 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             }
             Ok(if a.no_wait { 0 } else { cli::exit_code(&rec) })
         }
-        Cmd::Nodes { nats, json } => {
+        Cmd::Nodes {
+            nats,
+            name,
+            selector,
+            online,
+            offline,
+            json,
+        } => {
             let client = nats.connect_once("outpost-hub nodes").await?;
-            let nodes = cli::nodes(&client, &Subjects::new(&nats.prefix)).await?;
+            let subjects = Subjects::new(&nats.prefix);
+            let filter = cli::NodesFilter {
+                online: match (online, offline) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+                name: name.unwrap_or_default(),
+                selector: selector.unwrap_or_default(),
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&nodes)?);
-            } else {
-                print!("{}", cli::nodes_table(&nodes));
+                let mut all = vec![];
+                cli::nodes_paged(&client, &subjects, &filter, |p| {
+                    all.extend(p.nodes.iter().cloned())
+                })
+                .await?;
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(0);
+            }
+            // Each page as it arrives: the first lines show at once in a big fleet.
+            let mut first = true;
+            let mut matched = 0;
+            let mut out = std::io::stdout().lock();
+            cli::nodes_paged(&client, &subjects, &filter, |p| {
+                use std::io::Write;
+                let _ = out.write_all(cli::nodes_table(&p.nodes, first).as_bytes());
+                first = false;
+                matched = p.matched;
+            })
+            .await?;
+            if matched == 0 {
+                eprintln!("outpost-hub: no unit matches");
             }
             Ok(0)
         }
@@ -531,8 +642,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             no_reload,
         } => {
             enroll::revoke(&pki, &node)?;
-            println!("revoked {node}: its nkey is no longer in the broker's auth.conf");
+            println!("revoked {node}: its nkey is no longer in auth.conf nor units.json");
             report_reload(&pki, no_reload);
+            println!(
+                "the hub cancels {node}'s pending commands when it reads {} (within seconds if it reads this file)",
+                pki.join(enroll::UNITS_FILE).display()
+            );
             Ok(0)
         }
         Cmd::Enrolled { pki, json } => {

@@ -134,7 +134,9 @@ fn nats_conf(opts: &InitOptions) -> String {
          max_payload: 1MB\n\
          pid_file: \"{d}/nats-server.pid\"\n\
          include \"auth.conf\"\n\
-         tls {{\n  cert_file: \"{d}/{SERVER_CERT}\"\n  key_file: \"{d}/{SERVER_KEY}\"\n  ca_file: \"{d}/{CA_CERT}\"\n  timeout: 5\n}}\n\
+         # handshake_first: clients that start TLS at once never see a plain-text INFO;\n\
+         # clients that wait for INFO (agents before TLS-first) get it after 2 s.\n\
+         tls {{\n  cert_file: \"{d}/{SERVER_CERT}\"\n  key_file: \"{d}/{SERVER_KEY}\"\n  ca_file: \"{d}/{CA_CERT}\"\n  timeout: 5\n  handshake_first: \"2s\"\n}}\n\
          jetstream {{\n  store_dir: \"{d}/jetstream\"\n}}\n",
         listen = opts.listen
     )

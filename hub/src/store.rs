@@ -1,18 +1,39 @@
-//! The hub's state in JetStream key-value buckets: commands, nodes, and the last
-//! outcome per (node, method, domain). There is no other database.
+//! The hub's state in JetStream key-value buckets. There is no other database.
 //!
-//! Command records are updated by compare-and-set on the KV revision, so two writers
-//! (two tasks now, two hub processes later) can never lose each other's transition.
+//! | bucket | key | value | kept |
+//! |---|---|---|---|
+//! | `<p>-open` | command id | `StoredCommand`, not final | until final, then purged (marker kept an hour) |
+//! | `<p>-history` | command id | `StoredCommand`, final | `retention` (default 30 days), `max_age` |
+//! | `<p>-nodes` | node | `NodeRecord` | written when a unit's inventory changes |
+//! | `<p>-last` | `<node>.<method>.<domain or =>` | `LastOutcome` | always |
+//!
+//! A hub start reads `open` and `nodes` only, so it takes as long with a million
+//! finished commands as with none (ADR 0011). Open records are updated by
+//! compare-and-set on their revision, so two writers (two tasks now, two hub
+//! processes later) never lose each other's transition. A command becomes final by a
+//! `create` in `history` (which only one writer can win) followed by a purge in
+//! `open`; a hub that dies between the two finds the pair at its next start and
+//! finishes the purge.
+//!
+//! A record that does not decode is skipped and reported, never fatal: the hub must
+//! start whatever is in its buckets.
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use outpost_wire::api::{LastOutcome, NodeRecord, StoredCommand};
-use outpost_wire::{MsgId, decode, encode};
+use outpost_wire::{MsgId, Wire, decode, encode};
+use std::time::Duration;
+use tracing::{info, warn};
 
-/// Largest value the command bucket accepts: an outcome with two capped outputs
-/// plus the signed command, with room to spare under NATS' 1 MiB payload.
-pub const MAX_VALUE: i32 = 1024 * 1024;
+/// Largest value any bucket accepts: one NATS message.
+pub const MAX_VALUE: i32 = outpost_wire::MAX_PAYLOAD as i32;
+/// How long finished commands are kept unless the operator says otherwise.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long the purge marker of a command that left `open` stays: long enough for
+/// another hub watching the bucket to see it go, short enough that a start never
+/// reads more than an hour of them.
+pub const OPEN_MARKER_TTL: Duration = Duration::from_secs(3600);
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +48,84 @@ pub enum StoreError {
     },
 }
 
+fn kv_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Kv(e.to_string())
+}
+
+/// The result of a compare-and-set.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cas {
+    Done(u64),
+    /// Someone else wrote first: reload and try again.
+    Conflict,
+}
+
+/// How the hub keeps history.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Finished commands are dropped this long after they finished.
+    pub max_age: Duration,
+    /// At most this many bytes of history (oldest dropped first); -1: no limit.
+    pub max_bytes: i64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: DEFAULT_RETENTION,
+            max_bytes: -1,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    open: kv::Store,
+    history: kv::Store,
+    nodes: kv::Store,
+    last: kv::Store,
+}
+
+/// What the start-up read found in `open`.
+#[derive(Default)]
+pub struct OpenCommands {
+    pub commands: Vec<(StoredCommand, u64)>,
+    /// Records that did not decode (reported, skipped).
+    pub damaged: usize,
+}
+
+fn bucket_config(name: String, description: &str) -> kv::Config {
+    kv::Config {
+        bucket: name,
+        description: description.into(),
+        history: 1,
+        max_value_size: MAX_VALUE,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// Open a bucket, creating it on first use; bring its limits to what `want` says.
+async fn bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::Store, StoreError> {
+    let name = want.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(store) => {
+            let stream = format!("KV_{name}");
+            let mut info = js.get_stream(&stream).await.map_err(kv_err)?.cached_info().clone();
+            let c = &mut info.config;
+            let max_age = want.max_age;
+            if c.max_age != max_age || c.max_bytes != want.max_bytes.max(-1) {
+                info!(bucket = %name, max_age_s = max_age.as_secs(), max_bytes = want.max_bytes, "bucket limits changed");
+                c.max_age = max_age;
+                c.max_bytes = want.max_bytes;
+                js.update_stream(c.clone()).await.map_err(kv_err)?;
+            }
+            Ok(store)
+        }
+        Err(_) => js.create_key_value(want).await.map_err(kv_err),
+    }
+}
+
 /// Create `key` with `value`: its revision, or `None` when the key exists already.
 async fn create_new(kv: &kv::Store, key: &str, value: Bytes) -> Result<Option<u64>, StoreError> {
     match kv.create(key, value).await {
@@ -36,101 +135,131 @@ async fn create_new(kv: &kv::Store, key: &str, value: Bytes) -> Result<Option<u6
     }
 }
 
-fn kv_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Kv(e.to_string())
-}
-
-/// The result of a compare-and-set.
-pub enum Cas {
-    Done(u64),
-    /// Someone else wrote first: reload and try again.
-    Conflict,
-}
-
-#[derive(Clone)]
-pub struct Store {
-    commands: kv::Store,
-    nodes: kv::Store,
-    last: kv::Store,
-}
-
-async fn bucket(
-    js: &jetstream::Context,
-    name: String,
-    description: &str,
-) -> Result<kv::Store, StoreError> {
-    if let Ok(store) = js.get_key_value(&name).await {
-        return Ok(store);
+async fn get<T: Wire>(
+    kv: &kv::Store,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<(T, u64)>, StoreError> {
+    let Some(entry) = kv.entry(key.to_string()).await.map_err(kv_err)? else {
+        return Ok(None);
+    };
+    if entry.operation != kv::Operation::Put {
+        return Ok(None);
     }
-    js.create_key_value(kv::Config {
-        bucket: name,
-        description: description.into(),
-        history: 1,
-        max_value_size: MAX_VALUE,
-        storage: jetstream::stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(kv_err)
+    decode(&entry.value)
+        .map(|v| Some((v, entry.revision)))
+        .map_err(|source| StoreError::Decode {
+            bucket: bucket.into(),
+            key: key.into(),
+            source,
+        })
 }
 
-fn key(id: &MsgId) -> String {
-    id.to_string()
+/// Every live value of a bucket with its revision, read in one pass (a watch over the
+/// last value per key), not one request per key. Values that do not decode are
+/// reported and counted, never fatal.
+async fn load_all<T: Wire>(kv: &kv::Store, bucket: &str) -> Result<(Vec<(T, u64)>, usize), StoreError> {
+    let status = kv.status().await.map_err(kv_err)?;
+    let mut out = Vec::new();
+    let mut damaged = 0;
+    if status.values() == 0 {
+        return Ok((out, damaged));
+    }
+    let mut watch = kv.watch_all().await.map_err(kv_err)?;
+    while let Some(entry) = watch.next().await {
+        let entry = entry.map_err(kv_err)?;
+        if entry.operation == kv::Operation::Put {
+            match decode::<T>(&entry.value) {
+                Ok(v) => out.push((v, entry.revision)),
+                Err(e) => {
+                    damaged += 1;
+                    warn!(bucket, key = %entry.key, error = %e, "damaged record skipped");
+                }
+            }
+        }
+        if entry.delta == 0 || entry.seen_current {
+            break;
+        }
+    }
+    Ok((out, damaged))
 }
 
-/// KV key of the last outcome per (node, method, domain); `_` stands for no domain.
+/// KV key of the last outcome per (node, method, domain). `=` stands for no domain:
+/// no node, method or domain can contain it (domains are `A-Z a-z 0-9 _ -`), so no
+/// two triples share a key. (Version 1 hubs used `_`, which is also a domain.)
 pub fn last_key(node: &str, method: &str, domain: &str) -> String {
-    let d = if domain.is_empty() { "_" } else { domain };
+    let d = if domain.is_empty() { "=" } else { domain };
     format!("{node}.{method}.{d}")
 }
 
 impl Store {
-    /// Open the buckets, creating them on first start.
-    pub async fn open(js: &jetstream::Context, prefix: &str) -> Result<Store, StoreError> {
-        Ok(Store {
-            commands: bucket(js, format!("{prefix}-commands"), "outpost commands").await?,
-            nodes: bucket(js, format!("{prefix}-nodes"), "outpost units").await?,
+    /// Open the buckets, creating them on first start, and take over a version 1
+    /// hub's single `commands` bucket if there is one.
+    pub async fn open(
+        js: &jetstream::Context,
+        prefix: &str,
+        retention: Retention,
+    ) -> Result<Store, StoreError> {
+        let mut open_cfg = bucket_config(format!("{prefix}-open"), "outpost commands not final yet");
+        open_cfg.limit_markers = Some(OPEN_MARKER_TTL);
+        let mut history_cfg = bucket_config(
+            format!("{prefix}-history"),
+            "outpost finished commands",
+        );
+        history_cfg.max_age = retention.max_age;
+        history_cfg.max_bytes = retention.max_bytes;
+        let store = Store {
+            open: bucket(js, open_cfg).await?,
+            history: bucket(js, history_cfg).await?,
+            nodes: bucket(js, bucket_config(format!("{prefix}-nodes"), "outpost units")).await?,
             last: bucket(
                 js,
-                format!("{prefix}-last"),
-                "outpost last outcome per (node, method, domain)",
+                bucket_config(
+                    format!("{prefix}-last"),
+                    "outpost last outcome per (node, method, domain)",
+                ),
             )
             .await?,
-        })
+        };
+        store.migrate_v1(js, prefix).await?;
+        Ok(store)
+    }
+
+    /// A version 1 hub kept every command, open or final, in `<p>-commands`: move the
+    /// open ones to `open` and the final ones to `history`, then drop the old bucket.
+    /// Runs once; reads the old bucket in one pass.
+    async fn migrate_v1(&self, js: &jetstream::Context, prefix: &str) -> Result<(), StoreError> {
+        let name = format!("{prefix}-commands");
+        let Ok(old) = js.get_key_value(&name).await else {
+            return Ok(());
+        };
+        let (all, damaged) = load_all::<StoredCommand>(&old, &name).await?;
+        let (mut open, mut done) = (0, 0);
+        for (c, _) in &all {
+            let key = c.record.id.to_string();
+            let bucket = if c.record.state.is_final() {
+                done += 1;
+                &self.history
+            } else {
+                open += 1;
+                &self.open
+            };
+            create_new(bucket, &key, Bytes::from(encode(c))).await?;
+        }
+        js.delete_key_value(&name).await.map_err(kv_err)?;
+        info!(open, finished = done, damaged, "took over the version 1 commands bucket");
+        Ok(())
     }
 
     /// Persist a new command; `Ok(None)` when the id exists already.
-    pub async fn create_command(&self, c: &StoredCommand) -> Result<Option<u64>, StoreError> {
-        create_new(&self.commands, &key(&c.record.id), Bytes::from(encode(c))).await
+    pub async fn create_open(&self, c: &StoredCommand) -> Result<Option<u64>, StoreError> {
+        create_new(&self.open, &c.record.id.to_string(), Bytes::from(encode(c))).await
     }
 
-    pub async fn get_command(
-        &self,
-        id: &MsgId,
-    ) -> Result<Option<(StoredCommand, u64)>, StoreError> {
-        let k = key(id);
-        let Some(entry) = self.commands.entry(k.clone()).await.map_err(kv_err)? else {
-            return Ok(None);
-        };
-        if entry.operation != kv::Operation::Put {
-            return Ok(None);
-        }
-        let c = decode(&entry.value).map_err(|source| StoreError::Decode {
-            bucket: "commands".into(),
-            key: k,
-            source,
-        })?;
-        Ok(Some((c, entry.revision)))
-    }
-
-    pub async fn update_command(
-        &self,
-        c: &StoredCommand,
-        revision: u64,
-    ) -> Result<Cas, StoreError> {
+    pub async fn update_open(&self, c: &StoredCommand, revision: u64) -> Result<Cas, StoreError> {
         match self
-            .commands
-            .update(key(&c.record.id), Bytes::from(encode(c)), revision)
+            .open
+            .update(c.record.id.to_string(), Bytes::from(encode(c)), revision)
             .await
         {
             Ok(rev) => Ok(Cas::Done(rev)),
@@ -139,24 +268,38 @@ impl Store {
         }
     }
 
-    /// Every stored command (at start-up, to pick up where the hub stood).
-    pub async fn all_commands(&self) -> Result<Vec<(StoredCommand, u64)>, StoreError> {
-        let mut out = Vec::new();
-        let mut keys = match self.commands.keys().await {
-            Ok(k) => k,
-            Err(e) => return Err(kv_err(e)),
-        };
-        let mut ids = Vec::new();
-        while let Some(k) = keys.next().await {
-            ids.push(k.map_err(kv_err)?);
-        }
-        for k in ids {
-            let Ok(id) = k.parse::<MsgId>() else { continue };
-            if let Some(c) = self.get_command(&id).await? {
-                out.push(c);
-            }
-        }
-        Ok(out)
+    /// Write a final record. `Ok(false)`: it is in history already (someone finished
+    /// it first; that version stands).
+    pub async fn create_final(&self, c: &StoredCommand) -> Result<bool, StoreError> {
+        Ok(
+            create_new(&self.history, &c.record.id.to_string(), Bytes::from(encode(c)))
+                .await?
+                .is_some(),
+        )
+    }
+
+    /// Drop a command from `open` (after its final record is in history).
+    pub async fn purge_open(&self, id: &MsgId) -> Result<(), StoreError> {
+        self.open
+            .purge_with_ttl(id.to_string(), OPEN_MARKER_TTL)
+            .await
+            .map_err(kv_err)
+    }
+
+    pub async fn get_open(&self, id: &MsgId) -> Result<Option<(StoredCommand, u64)>, StoreError> {
+        get(&self.open, "open", &id.to_string()).await
+    }
+
+    pub async fn get_final(&self, id: &MsgId) -> Result<Option<StoredCommand>, StoreError> {
+        Ok(get(&self.history, "history", &id.to_string())
+            .await?
+            .map(|(c, _)| c))
+    }
+
+    /// Every command not final yet (at start-up).
+    pub async fn open_commands(&self) -> Result<OpenCommands, StoreError> {
+        let (commands, damaged) = load_all(&self.open, "open").await?;
+        Ok(OpenCommands { commands, damaged })
     }
 
     pub async fn put_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
@@ -167,28 +310,10 @@ impl Store {
             .map_err(kv_err)
     }
 
-    pub async fn all_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let mut out = Vec::new();
-        let mut keys = self.nodes.keys().await.map_err(kv_err)?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(kv_err)?);
-        }
-        for k in names {
-            if let Some(v) = self.nodes.get(k.clone()).await.map_err(kv_err)? {
-                match decode(&v) {
-                    Ok(n) => out.push(n),
-                    Err(source) => {
-                        return Err(StoreError::Decode {
-                            bucket: "nodes".into(),
-                            key: k,
-                            source,
-                        });
-                    }
-                }
-            }
-        }
-        Ok(out)
+    /// Every unit record; the count of damaged ones (skipped).
+    pub async fn all_nodes(&self) -> Result<(Vec<NodeRecord>, usize), StoreError> {
+        let (all, damaged) = load_all(&self.nodes, "nodes").await?;
+        Ok((all.into_iter().map(|(n, _)| n).collect(), damaged))
     }
 
     /// Write the first last outcome of a key; `Ok(None)` when the key exists.
@@ -203,11 +328,7 @@ impl Store {
         l: &LastOutcome,
         revision: u64,
     ) -> Result<Cas, StoreError> {
-        match self
-            .last
-            .update(key, Bytes::from(encode(l)), revision)
-            .await
-        {
+        match self.last.update(key, Bytes::from(encode(l)), revision).await {
             Ok(rev) => Ok(Cas::Done(rev)),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Cas::Conflict),
             Err(e) => Err(kv_err(e)),
@@ -216,18 +337,18 @@ impl Store {
 
     /// A key's last outcome and its revision.
     pub async fn get_last(&self, key: &str) -> Result<Option<(LastOutcome, u64)>, StoreError> {
-        let Some(entry) = self.last.entry(key).await.map_err(kv_err)? else {
-            return Ok(None);
-        };
-        if entry.operation != kv::Operation::Put {
-            return Ok(None);
-        }
-        decode(&entry.value)
-            .map(|l| Some((l, entry.revision)))
-            .map_err(|source| StoreError::Decode {
-                bucket: "last".into(),
-                key: key.into(),
-                source,
-            })
+        get(&self.last, "last", key).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_keys_never_collide() {
+        assert_ne!(last_key("pi", "exec", ""), last_key("pi", "exec", "_"));
+        assert_ne!(last_key("pi", "exec", ""), last_key("pi", "exec", "-"));
+        assert_eq!(last_key("pi", "file.write", "nginx"), "pi.file.write.nginx");
     }
 }

@@ -286,8 +286,9 @@ async fn bare_kv_pipelined(
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
-/// Messages ever stored in the hub's commands and last-outcome buckets: their
-/// difference over a run, per command, is the writes a command cost.
+/// Messages ever stored in the hub's command buckets (open and history together) and
+/// its last-outcome bucket: their difference over a run, per command, is the writes a
+/// command cost.
 async fn kv_writes(c: &Client, s: &Subjects) -> Result<(u64, u64)> {
     let js = async_nats::jetstream::new(c.clone());
     let seq = |bucket: String| {
@@ -298,7 +299,7 @@ async fn kv_writes(c: &Client, s: &Subjects) -> Result<(u64, u64)> {
         }
     };
     Ok((
-        seq(format!("{}-commands", s.prefix())).await?,
+        seq(format!("{}-open", s.prefix())).await? + seq(format!("{}-history", s.prefix())).await?,
         seq(format!("{}-last", s.prefix())).await?,
     ))
 }
@@ -459,6 +460,7 @@ async fn main() -> Result<()> {
     }
 
     let mut f = Fleet::start_production_logging().await?;
+    sim::prepare(&mut f).await?;
     let hub_pid = f.hub.as_ref().and_then(|h| h.pid()).context("hub pid")?;
     let nats_pid = f
         .nats
@@ -475,7 +477,7 @@ async fn main() -> Result<()> {
         let n_seq = if o.quick { 300 } else { 1000 };
         let (bare_lat, bare_rate) = bare_sequential(&a, &b, n_seq).await?;
         let kv_lat = bare_kv_sequential(&bare_kv(&a).await?, n_seq).await?;
-        let one = sim::start(&f, "seq", 1, 1).await?;
+        let one = sim::start(&mut f, "seq", 1, 1).await?;
         for _ in 0..20 {
             outpost_one(&op, &s, &one.names[0]).await?; // warm-up
         }
@@ -577,7 +579,7 @@ async fn main() -> Result<()> {
             "bare JetStream KV put pipelined (per put)",
             n_pipe * 2,
         ));
-        let units = sim::start(&f, "pipe", inflight, 16).await?;
+        let units = sim::start(&mut f, "pipe", inflight, 16).await?;
         let per = n_pipe / inflight;
         let writes0 = kv_writes(&op, &s).await?;
         let cpu = Cpu::now(hub_pid, nats_pid);
@@ -606,7 +608,7 @@ async fn main() -> Result<()> {
             "≥ 0.25× bare",
         );
         // Deferred `Accepted` writes land up to ACCEPTED_WRITE_DELAY later.
-        tokio::time::sleep(outpost_hub::serve::ACCEPTED_WRITE_DELAY * 2).await;
+        tokio::time::sleep(outpost_hub::ledger::DEFERRED_WRITE_DELAY * 2).await;
         let writes1 = kv_writes(&op, &s).await?;
         let n = (per * inflight) as f64;
         r.row(
@@ -621,7 +623,7 @@ async fn main() -> Result<()> {
             "",
         );
         r.notes.push(
-            "round trip pipelined: KV writes per command: command records + last outcomes, from the buckets' stream sequences".into(),
+            "round trip pipelined: KV writes per command: command records (open: created, updated, purged; history: the final record) + last outcomes, from the buckets' stream sequences".into(),
         );
         if let Some(c) = compute_us {
             let ceiling = 1.0 / design_s(3.0, bare_pipe, kv_pipe, c, cores);
@@ -661,7 +663,7 @@ async fn main() -> Result<()> {
         let hub_pid = f.hub.as_ref().and_then(|h| h.pid()).context("hub pid")?;
         let bare = bare_fanout(&f, n, 100).await?;
         let rss0 = rss_kib(hub_pid);
-        let fleet = sim::start(&f, &format!("fan{n}"), n, n.div_ceil(100)).await?;
+        let fleet = sim::start(&mut f, &format!("fan{n}"), n, n.div_ceil(100)).await?;
         let nodes = outpost_tests::eventually(
             "the hub to register every unit",
             Duration::from_secs(120),
@@ -684,7 +686,7 @@ async fn main() -> Result<()> {
         let t = outpost_fanout(&op, &s, &fleet.names).await?;
         r.notes
             .push(cpu.per_command(hub_pid, nats_pid, &format!("fan-out to {n} units"), n));
-        tokio::time::sleep(outpost_hub::serve::ACCEPTED_WRITE_DELAY * 2).await;
+        tokio::time::sleep(outpost_hub::ledger::DEFERRED_WRITE_DELAY * 2).await;
         let writes1 = kv_writes(&op, &s).await?;
         r.row(
             &format!("fan-out to {n} units: KV writes per command"),

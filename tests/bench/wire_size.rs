@@ -148,11 +148,12 @@ pub fn rows() -> Vec<Row> {
             env: vec![],
             cwd: None,
         }),
+        sent_at: now,
     };
     let signed = key.sign(&cmd);
     let ack = encode(&Ack {
         command: cmd.id,
-        kind: AckKind::Accepted,
+        kind: AckKind::Running,
     });
     let output = vec![b'x'; 100];
     let outcome = encode(&Outcome {
@@ -176,6 +177,15 @@ pub fn rows() -> Vec<Row> {
         outbox_depth: 0,
         pending: 0,
         interval_s: 15,
+        proto_min: 1,
+        proto_max: outpost_wire::PROTOCOL,
+        methods: ["ping", "exec", "file.write", "file.read", "hub.keys"]
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
+        allowed: vec!["ping".into(), "exec".into()],
+        sent_at: now,
+        keys: vec![[0; 8]],
     });
 
     let args = ["bash", "-c", "uname -a"];

@@ -259,7 +259,7 @@ async fn silent_unit_goes_offline_and_back() {
 async fn garbage_and_forged_commands_are_rejected_and_the_agent_keeps_serving() {
     scenario!(f, {
         f.start_agent("pi-1", &AgentOpts::default()).await?;
-        let c = f.client().await?;
+        let c = f.hub_client().await?;
         let mut logs = c.subscribe(f.subjects.log("pi-1")).await?;
         let subject = f.subjects.command("pi-1");
 
@@ -292,6 +292,7 @@ async fn garbage_and_forged_commands_are_rejected_and_the_agent_keeps_serving() 
                 env: vec![],
                 cwd: None,
             }),
+            sent_at: now_ms(),
         };
         let reply = c
             .request(subject.clone(), Bytes::from(forger.sign(&cmd)))

@@ -70,6 +70,7 @@ fn command(to: &str, deadline: u64, argv: Vec<String>) -> Command {
             env: vec![],
             cwd: None,
         }),
+        sent_at: now_ms(),
     }
 }
 
@@ -108,6 +109,12 @@ async fn a_unit_cannot_read_or_forge_another_units_traffic() {
             outbox_depth: 0,
             pending: 0,
             interval_s: 1,
+            proto_min: 1,
+            proto_max: 2,
+            methods: vec![],
+            allowed: vec![],
+            sent_at: now_ms(),
+            keys: vec![],
         };
         let b_hello = f.subjects.hello("unit-b");
         a.publish(b_hello.clone(), Bytes::from(encode(&hello)))
@@ -150,7 +157,7 @@ async fn a_unit_cannot_read_or_forge_another_units_traffic() {
 async fn forged_tampered_misaddressed_replayed_and_late_commands_never_run() {
     scenario!(f, {
         f.start_agent("unit-a", &AgentOpts::default()).await?;
-        let c = f.client().await?; // the hub's identity: may publish anywhere
+        let c = f.hub_client().await?; // the hub's messaging identity: may deliver to units
         let subject = f.subjects.command("unit-a");
         let key = hub_key(&f)?;
         let effects = f.work_dir("unit-a").join("effects");

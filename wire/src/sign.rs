@@ -1,10 +1,12 @@
 //! Command signing: ed25519 (ring) over the whole encoded command.
 //!
-//! A signed command is `encode(Command)` followed by the 64-byte signature of those
-//! bytes. The unit verifies the bytes exactly as received before it decodes them, so
-//! there is no canonical-encoding question and nothing unsigned is ever trusted.
+//! A signed command is `encode_for(Command, v)` (the version byte included) followed
+//! by the 64-byte signature of those bytes. The hub signs each delivery in the unit's
+//! protocol version with a key the unit trusts; the unit verifies the bytes exactly as
+//! received against each key it trusts before it decodes them, so there is no
+//! canonical-encoding question and nothing unsigned is ever trusted.
 
-use crate::{Command, DecodeError, decode, encode};
+use crate::{Command, DecodeError, decode_versioned, encode_for};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use std::fmt;
 
@@ -27,7 +29,7 @@ pub enum KeyError {
 pub enum VerifyError {
     #[error("payload too short to hold a signature")]
     Short,
-    #[error("signature does not verify against the hub key")]
+    #[error("signature does not verify against any hub key this unit trusts")]
     BadSignature,
     #[error(transparent)]
     Decode(#[from] DecodeError),
@@ -64,12 +66,18 @@ impl SigningKey {
         PublicKey(k)
     }
 
-    /// Encode and sign a command: the bytes to publish.
-    pub fn sign(&self, cmd: &Command) -> Vec<u8> {
-        let mut bytes = encode(cmd);
+    /// Encode a command for a unit that speaks up to version `v`, and sign it: the
+    /// bytes to publish.
+    pub fn sign_for(&self, cmd: &Command, v: u8) -> Vec<u8> {
+        let mut bytes = encode_for(cmd, v);
         let sig = self.0.sign(&bytes);
         bytes.extend_from_slice(sig.as_ref());
         bytes
+    }
+
+    /// Sign in this build's newest version.
+    pub fn sign(&self, cmd: &Command) -> Vec<u8> {
+        self.sign_for(cmd, crate::PROTOCOL)
     }
 }
 
@@ -105,27 +113,58 @@ impl std::str::FromStr for PublicKey {
     }
 }
 
+/// Length of a key's id: its first bytes, as hellos list the keys a unit trusts.
+pub const KEY_ID_LEN: usize = 8;
+
 impl PublicKey {
     /// Check the signature, then decode. Fails closed: any doubt is an error.
     pub fn verify(&self, signed: &[u8]) -> Result<Command, VerifyError> {
-        let split = signed
-            .len()
-            .checked_sub(SIGNATURE_LEN)
-            .filter(|&n| n > 0)
-            .ok_or(VerifyError::Short)?;
-        let (body, sig) = signed.split_at(split);
-        UnparsedPublicKey::new(&ED25519, &self.0)
-            .verify(body, sig)
-            .map_err(|_| VerifyError::BadSignature)?;
-        Ok(decode(body)?)
+        verify_any(std::slice::from_ref(self), signed).map(|v| v.command)
+    }
+
+    /// The key's short id (its first 8 bytes), as hellos report trusted keys.
+    pub fn id(&self) -> [u8; KEY_ID_LEN] {
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&self.0[..KEY_ID_LEN]);
+        id
     }
 }
 
+/// A command whose signature verified.
+#[derive(Debug)]
+pub struct Verified {
+    pub command: Command,
+    /// The protocol version it was written in: the unit answers in the same one.
+    pub version: u8,
+    /// Which of the trusted keys signed it.
+    pub key: usize,
+}
+
+/// Check the signature against each trusted key in turn, then decode. Fails closed.
+pub fn verify_any(keys: &[PublicKey], signed: &[u8]) -> Result<Verified, VerifyError> {
+    let split = signed
+        .len()
+        .checked_sub(SIGNATURE_LEN)
+        .filter(|&n| n > 0)
+        .ok_or(VerifyError::Short)?;
+    let (body, sig) = signed.split_at(split);
+    let key = keys
+        .iter()
+        .position(|k| UnparsedPublicKey::new(&ED25519, &k.0).verify(body, sig).is_ok())
+        .ok_or(VerifyError::BadSignature)?;
+    let (command, version) = decode_versioned(body)?;
+    Ok(Verified {
+        command,
+        version,
+        key,
+    })
+}
+
 /// Decode a signed command without checking its signature: only to learn which
-/// command id to name in a rejection. Never act on the result.
-pub fn peek_unverified(signed: &[u8]) -> Option<Command> {
+/// command id (and version) to name in a rejection. Never act on the result.
+pub fn peek_unverified(signed: &[u8]) -> Option<(Command, u8)> {
     let split = signed.len().checked_sub(SIGNATURE_LEN)?;
-    decode(&signed[..split]).ok()
+    decode_versioned(&signed[..split]).ok()
 }
 
 #[cfg(test)]
@@ -143,6 +182,7 @@ mod tests {
             domain: String::new(),
             timeout_ms: 0,
             method: Method::Ping,
+            sent_at: 3,
         }
     }
 
@@ -168,7 +208,28 @@ mod tests {
             key.public().verify(&[1; 10]),
             Err(VerifyError::Short)
         ));
-        assert_eq!(peek_unverified(&signed).unwrap().id, MsgId([7; 16]));
+        assert_eq!(peek_unverified(&signed).unwrap().0.id, MsgId([7; 16]));
+    }
+
+    #[test]
+    fn versions_and_key_sets() {
+        let old = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let new = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let keys = [old.public(), new.public()];
+        let v1 = new.sign_for(&cmd(), 1);
+        assert_eq!(v1[0], 1);
+        let got = verify_any(&keys, &v1).unwrap();
+        assert_eq!((got.version, got.key), (1, 1));
+        // Version 1 has no sent_at: it reads back as 0.
+        assert_eq!(got.command.sent_at, 0);
+        let v2 = old.sign(&cmd());
+        let got = verify_any(&keys, &v2).unwrap();
+        assert_eq!((got.version, got.key, got.command), (2, 0, cmd()));
+        assert!(matches!(
+            verify_any(&keys[1..], &v2),
+            Err(VerifyError::BadSignature)
+        ));
+        assert_ne!(old.public().id(), new.public().id());
     }
 
     #[test]

@@ -1,4 +1,9 @@
 //! Subject names: the only place they are spelled.
+//!
+//! Reply inboxes are part of the security model (ADR 0005): a unit subscribes to its
+//! own inbox only (`_INBOX_<node>.>`), operators to `_INBOX.>`, and the hub's
+//! connections use `_HUB.<hub>.<role>.>`, which no unit name and no operator inbox can
+//! spell, so no unit can read the hub's ACKs or JetStream replies.
 
 use crate::MsgId;
 
@@ -8,12 +13,45 @@ pub fn unit_inbox(node: &str) -> String {
     format!("_INBOX_{node}")
 }
 
-/// The reply-inbox prefix of the hub's own connection (units' ACKs come back there;
-/// operators cannot read it).
-pub const HUB_INBOX: &str = "_INBOX_hub";
+/// The reply-inbox prefix operators use (async-nats' default): the hub answers API
+/// calls only on subjects under it.
+pub const OPERATOR_INBOX: &str = "_INBOX";
+
+/// The reply-inbox prefix of one of the hub's connections (`role` is `msg` for the
+/// messaging identity, `store` for the JetStream one). Node names have no `.`, so
+/// `_HUB.…` is never `_INBOX_<node>`.
+pub fn hub_inbox(hub: &str, role: &str) -> String {
+    format!("_HUB.{hub}.{role}")
+}
+
+/// Whether `reply` is a reply subject in `inbox`'s namespace (`<inbox>.<token>…`).
+pub fn is_in_inbox(reply: &str, inbox: &str) -> bool {
+    reply
+        .strip_prefix(inbox)
+        .and_then(|r| r.strip_prefix('.'))
+        .is_some_and(|r| {
+            !r.is_empty()
+                && r.split('.')
+                    .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.contains(' '))
+        })
+}
 
 /// The default subject prefix.
 pub const DEFAULT_PREFIX: &str = "outpost";
+
+/// The kinds of unit report, `<prefix>.hub.<kind>.<node>`. A unit may publish any
+/// kind for its own name (`<prefix>.hub.*.<node>`), so kinds added later need no new
+/// broker permissions.
+pub mod kind {
+    /// `Outcome` (request; the reply is a `Receipt`).
+    pub const RESULT: &str = "result";
+    /// `Hello` (version 2: request; the reply is a `HelloReply`).
+    pub const HELLO: &str = "hello";
+    /// `Log`.
+    pub const LOG: &str = "log";
+    /// Version 2: `Started`.
+    pub const STARTED: &str = "started";
+}
 
 /// Subject names under one prefix (several fleets can share a broker).
 #[derive(Clone, Debug)]
@@ -43,33 +81,42 @@ impl Subjects {
         format!("{}.node.{node}.cmd", self.prefix)
     }
 
+    /// Unit → hub reports of one kind ([`kind`]).
+    pub fn report(&self, kind: &str, node: &str) -> String {
+        format!("{}.hub.{kind}.{node}", self.prefix)
+    }
+
     /// Unit → hub outcomes (request; the reply is a `Receipt`).
     pub fn result(&self, node: &str) -> String {
-        format!("{}.hub.result.{node}", self.prefix)
+        self.report(kind::RESULT, node)
     }
 
     /// Unit → hub heartbeats.
     pub fn hello(&self, node: &str) -> String {
-        format!("{}.hub.hello.{node}", self.prefix)
+        self.report(kind::HELLO, node)
     }
 
     /// Unit → hub warnings and errors.
     pub fn log(&self, node: &str) -> String {
-        format!("{}.hub.log.{node}", self.prefix)
+        self.report(kind::LOG, node)
     }
 
-    /// What the hub subscribes to for each kind of unit report (`*` = every node).
-    pub fn all_results(&self) -> String {
-        self.result("*")
-    }
-    pub fn all_hellos(&self) -> String {
-        self.hello("*")
-    }
-    pub fn all_logs(&self) -> String {
-        self.log("*")
+    /// Unit → hub: a queued command started.
+    pub fn started(&self, node: &str) -> String {
+        self.report(kind::STARTED, node)
     }
 
-    /// Operator → hub API, one subject per call (`send`, `nodes`, `show`).
+    /// Every report of every unit: what the hub subscribes to.
+    pub fn all_reports(&self) -> String {
+        format!("{}.hub.*.*", self.prefix)
+    }
+
+    /// What one unit may publish: every kind of report, under its own name.
+    pub fn reports_of(&self, node: &str) -> String {
+        self.report("*", node)
+    }
+
+    /// Operator → hub API, one subject per call (`send`, `nodes`, `show`, ...).
     pub fn api(&self, call: &str) -> String {
         format!("{}.api.{call}", self.prefix)
     }
@@ -85,11 +132,16 @@ impl Subjects {
         format!("{}.event.cmd.*", self.prefix)
     }
 
-    /// The node name in a unit-report subject (`<prefix>.hub.<kind>.<node>`).
-    pub fn node_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
+    /// The kind and node of a unit-report subject (`<prefix>.hub.<kind>.<node>`).
+    pub fn report_of<'a>(&self, subject: &'a str) -> Option<(&'a str, &'a str)> {
         let rest = subject.strip_prefix(&self.prefix)?.strip_prefix(".hub.")?;
-        let (_, node) = rest.split_once('.')?;
-        (!node.is_empty() && !node.contains('.')).then_some(node)
+        let (kind, node) = rest.split_once('.')?;
+        (!kind.is_empty() && !node.is_empty() && !node.contains('.')).then_some((kind, node))
+    }
+
+    /// The node name in a unit-report subject.
+    pub fn node_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        self.report_of(subject).map(|(_, n)| n)
     }
 }
 
@@ -103,8 +155,30 @@ mod tests {
         assert_eq!(s.command("pi-1"), "outpost.node.pi-1.cmd");
         assert_eq!(s.result("pi-1"), "outpost.hub.result.pi-1");
         assert_eq!(s.node_of("outpost.hub.hello.pi-1"), Some("pi-1"));
+        assert_eq!(
+            s.report_of("outpost.hub.started.pi-1"),
+            Some(("started", "pi-1"))
+        );
         assert_eq!(s.node_of("outpost.hub.hello.a.b"), None);
         assert_eq!(s.node_of("other.hub.hello.pi-1"), None);
         assert_eq!(s.api("send"), "outpost.api.send");
+        assert_eq!(s.reports_of("pi-1"), "outpost.hub.*.pi-1");
+    }
+
+    #[test]
+    fn inboxes_cannot_collide() {
+        // A unit named `hub` (or anything) never gets the hub's inbox.
+        for node in ["hub", "HUB", "_hub", "hub-msg"] {
+            let unit = unit_inbox(node);
+            assert!(!is_in_inbox(&format!("{unit}.x"), &hub_inbox("hub", "msg")));
+            assert!(!unit.starts_with("_HUB"));
+            assert!(!is_in_inbox(&format!("{unit}.x"), OPERATOR_INBOX));
+        }
+        assert!(is_in_inbox("_INBOX_pi-1.abc.1", &unit_inbox("pi-1")));
+        assert!(!is_in_inbox("_INBOX_pi-10.abc", &unit_inbox("pi-1")));
+        assert!(!is_in_inbox("_INBOX_pi-1", &unit_inbox("pi-1")));
+        assert!(!is_in_inbox("_INBOX_pi-1.>", &unit_inbox("pi-1")));
+        assert!(!is_in_inbox("$KV.outpost-nodes.zz", OPERATOR_INBOX));
+        assert!(is_in_inbox("_INBOX.abc.def", OPERATOR_INBOX));
     }
 }

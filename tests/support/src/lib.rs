@@ -193,6 +193,8 @@ pub struct AgentOpts {
     pub config: String,
     /// Run this program instead of the native agent (e.g. qemu-aarch64 + ARM binary).
     pub wrapper: Option<Vec<String>>,
+    /// Start TLS first (the generated broker config allows both).
+    pub tls_first: bool,
 }
 
 /// The allow-list test agents run with unless a test says otherwise: everything.
@@ -206,6 +208,7 @@ impl Default for AgentOpts {
             nats_url: None,
             config: ALLOW_ALL.into(),
             wrapper: None,
+            tls_first: true,
         }
     }
 }
@@ -223,6 +226,8 @@ pub struct Fleet {
     enrolled: std::collections::HashSet<String>,
     /// The hub's `RUST_LOG`; `None`: its own default, as in production.
     hub_log: Option<&'static str>,
+    /// An enrolment list for the hub instead of the PKI's (the benchmark's).
+    units_file: Option<PathBuf>,
 }
 
 impl Fleet {
@@ -309,6 +314,7 @@ impl Fleet {
             hub_restarts: 0,
             enrolled: Default::default(),
             hub_log,
+            units_file: None,
         };
         f.start_nats().await?;
         f.connect_client().await?;
@@ -351,6 +357,9 @@ impl Fleet {
             .arg("--nkey-file")
             .arg(self.pki().join("hub.nk"))
             .args(["--name", "central", "--ack-timeout", "1s"]);
+        if let Some(u) = &self.units_file {
+            cmd.arg("--units").arg(u);
+        }
         match self.hub_log {
             Some(l) => cmd.env("RUST_LOG", l),
             None => cmd.env_remove("RUST_LOG"),
@@ -369,6 +378,25 @@ impl Fleet {
         })
         .await?;
         Ok(())
+    }
+
+    /// The enrolment list the hub reads instead of the PKI's, if one was set.
+    pub fn units_file(&self) -> Option<&Path> {
+        self.units_file.as_deref()
+    }
+
+    /// Point the hub at another enrolment list (restarts it).
+    pub async fn set_units_file(&mut self, path: Option<PathBuf>) -> Result<()> {
+        self.units_file = path;
+        self.stop_hub();
+        self.start_hub().await
+    }
+
+    /// Stop the hub with SIGTERM (as systemd does), waiting for it to exit.
+    pub fn stop_hub(&mut self) {
+        if let Some(mut h) = self.hub.take() {
+            h.stop();
+        }
     }
 
     pub fn kill_hub(&mut self) {
@@ -426,6 +454,7 @@ impl Fleet {
             .arg("--nkey-file")
             .arg(self.bundle(node).join("node.nk"))
             .args(["--hello-interval", &o.hello_interval_s.to_string()])
+            .args(["--tls-first", if o.tls_first { "true" } else { "false" }])
             .env("RUST_LOG", "info,outpost_edge=debug,async_nats=warn");
         for l in &o.labels {
             cmd.args(["--label", l]);
@@ -468,11 +497,69 @@ impl Fleet {
         self.client.clone().context("no client yet")
     }
 
-    async fn connect_client(&mut self) -> Result<()> {
+    /// A new identity with the given broker permissions, for what a test or the
+    /// benchmark does besides hub, operators and units (e.g. a simulated fleet). Added
+    /// to the enrolment list and the broker reloaded; returns its seed file.
+    pub async fn add_identity(
+        &mut self,
+        name: &str,
+        publish: &[&str],
+        subscribe: &[&str],
+    ) -> Result<PathBuf> {
+        use outpost_hub::enroll;
+        let (seed, public) = enroll::new_user()?;
+        let mut units = enroll::Units::load(&self.pki())?;
+        units.others.insert(
+            name.to_string(),
+            enroll::Other {
+                nkey: public,
+                publish: publish.iter().map(|s| s.to_string()).collect(),
+                subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+            },
+        );
+        units.save(&self.pki())?;
+        let path = self.pki().join(format!("{name}.nk"));
+        std::fs::write(&path, format!("{seed}\n"))?;
+        anyhow::ensure!(enroll::reload_broker(&self.pki()), "cannot reload the broker");
+        // The reload is asynchronous: wait until the identity is let in.
+        let (ca, url) = (self.ca(), self.url());
+        eventually(&format!("identity {name} to be accepted"), Duration::from_secs(10), || {
+            let (seed, ca, url) = (seed.clone(), ca.clone(), url.clone());
+            async move {
+                async_nats::ConnectOptions::with_nkey(seed)
+                    .add_root_certificates(ca)
+                    .require_tls(true)
+                    .connect(url)
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await?;
+        Ok(path)
+    }
+
+    /// A client with the hub's messaging identity (`hub.nk`): what a test uses to
+    /// play the hub's part on the broker (deliver raw bytes to a unit, read unit
+    /// reports). It may not publish to JetStream, the API or the hub's own subjects.
+    pub async fn hub_client(&self) -> Result<Client> {
         let seed = std::fs::read_to_string(self.pki().join("hub.nk"))?;
+        Ok(async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
+            .add_root_certificates(self.ca())
+            .require_tls(true)
+            .tls_first()
+            .custom_inbox_prefix(outpost_wire::subject::hub_inbox("test", "msg"))
+            .connect(self.url())
+            .await?)
+    }
+
+    async fn connect_client(&mut self) -> Result<()> {
+        // The test drives the hub as an operator does.
+        let seed = std::fs::read_to_string(self.pki().join("operator.nk"))?;
         let c = async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
             .add_root_certificates(self.ca())
             .require_tls(true)
+            .tls_first()
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|_| Duration::from_millis(100))
