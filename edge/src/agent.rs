@@ -179,7 +179,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             Ok(s) => break s,
             Err(e) => {
                 error!(error = %e, "cannot open the state dir; retrying");
-                publish_log(&client, &subjects, &cfg.node, Level::Error, e.to_string(), None).await;
+                publish_log(
+                    &client,
+                    &subjects,
+                    &cfg.node,
+                    Level::Error,
+                    e.to_string(),
+                    None,
+                )
+                .await;
                 tokio::time::sleep(STATE_RETRY).await;
             }
         }
@@ -353,8 +361,15 @@ async fn handle(agent: &Arc<Agent>, payload: &[u8]) -> (Ack, u8) {
         Ok(t) => t,
         Err(e) => {
             error!(command = %id, error = %e, "cannot record the command: answering busy");
-            publish_log(&agent.client, &agent.subjects, node, Level::Error, e.to_string(), Some(id))
-                .await;
+            publish_log(
+                &agent.client,
+                &agent.subjects,
+                node,
+                Level::Error,
+                e.to_string(),
+                Some(id),
+            )
+            .await;
             return busy;
         }
     };
@@ -460,7 +475,9 @@ async fn execute(agent: Arc<Agent>, ticket: Ticket, permit: OwnedSemaphorePermit
         // Handled at intake (it needs the key that signed it); never queued.
         Method::HubKeys(_) => Outcome {
             command: cmd.id,
-            status: Status::Failed("hub.keys runs when it is accepted, never from the queue".into()),
+            status: Status::Failed(
+                "hub.keys runs when it is accepted, never from the queue".into(),
+            ),
             exit_code: None,
             stdout: vec![],
             stderr: vec![],
@@ -504,11 +521,19 @@ async fn hub_keys_now(agent: &Arc<Agent>, acc: &Accepted, keys: &outpost_wire::H
         command: id,
         kind: AckKind::Busy,
     };
-    let accepted = agent.state.lock().expect("state lock").accept(&acc.command, true);
+    let accepted = agent
+        .state
+        .lock()
+        .expect("state lock")
+        .accept(&acc.command, true);
     let Ok(ticket) = accepted else {
         return busy;
     };
-    let r = agent.trust.lock().expect("trust lock").set(keys, &acc.signer);
+    let r = agent
+        .trust
+        .lock()
+        .expect("trust lock")
+        .set(keys, &acc.signer);
     let status = match r {
         Ok(()) => {
             info!(keys = keys.keys.len(), "hub keys replaced");
@@ -585,7 +610,8 @@ fn outcome_for_hub(stored: &[u8], v: u8) -> Option<Vec<u8>> {
         let (a, b) = (o.stdout.len(), o.stderr.len());
         let cut_out = over * a / (a + b).max(1) + 1;
         o.stdout.truncate(a.saturating_sub(cut_out));
-        o.stderr.truncate(b.saturating_sub(over.saturating_sub(cut_out) + 1));
+        o.stderr
+            .truncate(b.saturating_sub(over.saturating_sub(cut_out) + 1));
         o.truncated = true;
         bytes = encode_for(&o, v);
     }
@@ -655,7 +681,8 @@ async fn deliver_outbox(agent: Arc<Agent>) {
         }
         let next_entry = backoff.values().map(|b| b.next).min();
         let wait = if hub_away {
-            let w = round_wait + Duration::from_millis(jitter_ms(round_wait.as_millis() as u64 / 4 + 1));
+            let w = round_wait
+                + Duration::from_millis(jitter_ms(round_wait.as_millis() as u64 / 4 + 1));
             round_wait = (round_wait * 2).min(OUTBOX_BACKOFF_MAX);
             w
         } else {
@@ -752,7 +779,10 @@ async fn say_hello(agent: Arc<Agent>) {
                             if let Some(off) = agent.clock.offset()
                                 && off.abs() > 2000
                             {
-                                warn!(offset_ms = off, "this unit's clock is off from the hub's: deadlines follow the hub's");
+                                warn!(
+                                    offset_ms = off,
+                                    "this unit's clock is off from the hub's: deadlines follow the hub's"
+                                );
                             }
                             agent.clock_kick.notify_waiters();
                         }

@@ -85,10 +85,7 @@ pub fn decide(
     }
     // The hub's clock: a signed reading (version 2); a version 1 hub sends none, so
     // the unit's own clock it is, as version 1 always did.
-    let now = cx
-        .clock
-        .now()
-        .unwrap_or_else(outpost_wire::now_ms);
+    let now = cx.clock.now().unwrap_or_else(outpost_wire::now_ms);
     if now > cmd.deadline {
         let whose = if v >= 2 { "hub clock" } else { "unit clock" };
         return reject(

@@ -27,7 +27,7 @@
 //! (ADR 0011).
 
 use outpost_wire::{
-    Command, MsgId, Outcome, RejectCode, Recorded, Rejection, Status, decode, encode, now_ms,
+    Command, MsgId, Outcome, Recorded, RejectCode, Rejection, Status, decode, encode, now_ms,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -279,7 +279,9 @@ impl StateDir {
             let mut buf = Vec::new();
             loop {
                 buf.clear();
-                let n = reader.read_until(b'\n', &mut buf).map_err(err("read", &path))?;
+                let n = reader
+                    .read_until(b'\n', &mut buf)
+                    .map_err(err("read", &path))?;
                 if n == 0 || buf.last() != Some(&b'\n') {
                     // The end, or a torn last line (power cut mid-append).
                     break;

@@ -41,8 +41,11 @@ impl Trust {
         let path = state_dir.join(FILE);
         let keys = match fs::read_to_string(&path) {
             Ok(text) => {
-                let keys: Result<Vec<PublicKey>, _> =
-                    text.lines().filter(|l| !l.trim().is_empty()).map(str::parse).collect();
+                let keys: Result<Vec<PublicKey>, _> = text
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::parse)
+                    .collect();
                 let keys = keys.map_err(|e| TrustError::Damaged {
                     path: path.clone(),
                     why: e.to_string(),
@@ -108,7 +111,12 @@ mod tests {
         let mut t = Trust::load(dir.path(), &[a]).unwrap();
         assert_eq!(t.keys(), &[a]);
         assert!(matches!(
-            t.set(&HubKeys { keys: vec![[2; 32]] }, &a),
+            t.set(
+                &HubKeys {
+                    keys: vec![[2; 32]]
+                },
+                &a
+            ),
             Err(TrustError::LocksOut)
         ));
         assert!(matches!(

@@ -10,8 +10,8 @@ use async_nats::Message;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use outpost_wire::api::{
-    ApiError, ApiReply, CmdState, CommandRecord, ErrorCode, MAX_TARGETS, NodeRequest,
-    NodesRequest, SendManyReply, SendManyRequest, SendRequest, ShowRequest, StoredCommand,
+    ApiError, ApiReply, CmdState, CommandRecord, ErrorCode, MAX_TARGETS, NodeRequest, NodesRequest,
+    SendManyReply, SendManyRequest, SendRequest, ShowRequest, StoredCommand,
 };
 use outpost_wire::limits::MAX_COMMAND;
 use outpost_wire::subject::{OPERATOR_INBOX, is_in_inbox};
@@ -47,7 +47,12 @@ struct Template {
 }
 
 impl Template {
-    fn checked(domain: String, method: Method, timeout_ms: u32, ttl_ms: u64) -> ApiResult<Template> {
+    fn checked(
+        domain: String,
+        method: Method,
+        timeout_ms: u32,
+        ttl_ms: u64,
+    ) -> ApiResult<Template> {
         names::check_domain(&domain).map_err(|e| bad(e.to_string()))?;
         if ttl_ms == 0 || ttl_ms > MAX_TTL_MS {
             return Err(bad(format!(
@@ -91,7 +96,12 @@ pub async fn on_api(hub: &Hub, msg: Message) {
     if !is_in_inbox(&to, OPERATOR_INBOX) {
         return warn!(reply = ?to.as_str(), "api call asks for a reply outside the operator inbox: not answered");
     }
-    let call = msg.subject.rsplit('.').next().unwrap_or_default().to_string();
+    let call = msg
+        .subject
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let p = &msg.payload;
     let bytes = match call.as_str() {
         "send" => reply(send(hub, p).await),
@@ -101,7 +111,9 @@ pub async fn on_api(hub: &Hub, msg: Message) {
         "node" => reply(node(hub, p)),
         other => reply::<()>(Err(ApiError::new(
             ErrorCode::UnknownCall,
-            format!("unknown API call {other:?}: this hub answers send, send_many, show, nodes, node"),
+            format!(
+                "unknown API call {other:?}: this hub answers send, send_many, show, nodes, node"
+            ),
         ))),
     };
     if let Err(e) = hub.client.publish(to, Bytes::from(bytes)).await {

@@ -1,6 +1,7 @@
 //! The operator CLI: `send`, `nodes`, `show`. Talks to the hub daemon over
 //! `<prefix>.api.*` and follows a command through `<prefix>.event.cmd.<id>`.
 
+use crate::machine::UNCONFIRMED_NOTE;
 use anyhow::{Context, anyhow, bail};
 use async_nats::{Client, Request, RequestErrorKind};
 use bytes::Bytes;
@@ -9,7 +10,6 @@ use outpost_wire::api::{
     ApiError, ApiReply, CmdState, CommandRecord, MAX_TARGETS, NodeRequest, NodeView, NodesPage,
     NodesRequest, SendManyReply, SendManyRequest, SendRequest, ShowRequest, Target,
 };
-use crate::machine::UNCONFIRMED_NOTE;
 use outpost_wire::subject::Subjects;
 use outpost_wire::{MsgId, Status, Wire, decode, encode, now_ms};
 use serde::{Serialize, de::DeserializeOwned};
@@ -425,8 +425,7 @@ pub async fn node(
     subjects: &Subjects,
     name: &str,
 ) -> anyhow::Result<Option<NodeView>> {
-    match call::<_, NodeView>(client, subjects, "node", &NodeRequest { name: name.into() }).await
-    {
+    match call::<_, NodeView>(client, subjects, "node", &NodeRequest { name: name.into() }).await {
         Ok(v) => Ok(Some(v)),
         Err(e) => match e.downcast_ref::<ApiError>() {
             Some(a) if a.code == outpost_wire::api::ErrorCode::UnknownUnit => Ok(None),
@@ -539,7 +538,15 @@ pub fn clock(offset: Option<i64>) -> String {
 pub fn nodes_table(nodes: &[NodeView], header: bool) -> String {
     let now = now_ms();
     let head = [
-        "NAME", "STATE", "SINCE", "LAST SEEN", "ARCH", "VERSION", "KERNEL", "CLOCK", "PENDING",
+        "NAME",
+        "STATE",
+        "SINCE",
+        "LAST SEEN",
+        "ARCH",
+        "VERSION",
+        "KERNEL",
+        "CLOCK",
+        "PENDING",
         "LABELS",
     ];
     let rows: Vec<[String; 10]> = nodes
@@ -582,7 +589,11 @@ pub fn nodes_table(nodes: &[NodeView], header: bool) -> String {
         }
         s.trim_end().to_string() + "\n"
     };
-    let mut out = if header { line(head.to_vec()) } else { String::new() };
+    let mut out = if header {
+        line(head.to_vec())
+    } else {
+        String::new()
+    };
     for r in &rows {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }

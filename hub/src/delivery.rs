@@ -221,7 +221,10 @@ impl Delivery {
                 continue;
             }
             if now > r.deadline {
-                let applied = self.ledger.apply(&item.1, Event::DeadlinePassed { at: now }).await;
+                let applied = self
+                    .ledger
+                    .apply(&item.1, Event::DeadlinePassed { at: now })
+                    .await;
                 if let Ok(Applied::Changed(rec)) = &applied
                     && rec.state == CmdState::Expired
                 {
@@ -281,7 +284,9 @@ impl Delivery {
             },
             Err(e) => match e.kind() {
                 // The broker says nobody subscribes: the command reached no one.
-                RequestErrorKind::NoResponders => ("unit not connected (no responders)".into(), false),
+                RequestErrorKind::NoResponders => {
+                    ("unit not connected (no responders)".into(), false)
+                }
                 RequestErrorKind::TimedOut => (
                     format!("no ack within {} ms", self.ack_timeout.as_millis()),
                     true,

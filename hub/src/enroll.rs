@@ -8,7 +8,7 @@
 //! | who | publish | subscribe |
 //! |---|---|---|
 //! | hub, messages (`hub.nk`) | everything except `$KV.>`, `$JS.>`, `$SYS.>`, `p.hub.>`, `p.api.>`, `_HUB.>` | `p.hub.>`, `p.api.>`, `_HUB.>` |
-//! | hub, store (`hub-store.nk`) | `$JS.API.>`, `$JS.ACK.>`, `$KV.p-*.>` (its buckets) | `_HUB.>` |
+//! | hub, store (`hub-store.nk`) | `$JS.API.>`, `$JS.ACK.>`, `$KV.p-open.>` and its other buckets by name | `_HUB.>` |
 //! | operator | `p.api.>` | `p.event.>`, `_INBOX.>` |
 //! | unit N | `p.hub.*.N` (its own reports), replies to requests it got | `p.node.N.cmd`, `_INBOX_N.>` |
 //!
@@ -54,7 +54,9 @@ pub enum EnrollError {
     Exists(String),
     #[error("{0} is not enrolled")]
     Unknown(String),
-    #[error("invalid label {0:?}: write key=value (key: 1-63 of A-Z a-z 0-9 - _ . /, value: 0-63 of A-Z a-z 0-9 - _ .)")]
+    #[error(
+        "invalid label {0:?}: write key=value (key: 1-63 of A-Z a-z 0-9 - _ . /, value: 0-63 of A-Z a-z 0-9 - _ .)"
+    )]
     Label(String),
     #[error("cannot make an nkey: {0}")]
     Nkey(String),
@@ -145,7 +147,11 @@ impl Units {
     pub fn save(&mut self, pki: &Path) -> Result<(), EnrollError> {
         if self.hub_store_nkey.is_empty() {
             let (seed, public) = new_user()?;
-            write_file(&pki.join(HUB_STORE_NKEY), format!("{seed}\n").as_bytes(), true)?;
+            write_file(
+                &pki.join(HUB_STORE_NKEY),
+                format!("{seed}\n").as_bytes(),
+                true,
+            )?;
             self.hub_store_nkey = public;
         }
         let text = serde_json::to_string_pretty(self).expect("units serialise");
@@ -188,10 +194,14 @@ impl Units {
             "    {{ nkey: \"{}\", permissions: {{ publish: [{}], subscribe: [{}] }} }}\n",
             self.hub_store_nkey,
             q(&[
-                "$JS.API.>".into(),
-                "$JS.ACK.>".into(),
-                format!("$KV.{p}-*.>"),
-            ]),
+                vec!["$JS.API.>".to_string(), "$JS.ACK.>".into()],
+                // A `*` matches whole tokens only: each bucket by name.
+                crate::store::BUCKETS
+                    .iter()
+                    .map(|b| format!("$KV.{p}-{b}.>"))
+                    .collect(),
+            ]
+            .concat()),
             q(&["_HUB.>".into()]),
         ));
         out.push_str(&format!(

@@ -86,7 +86,11 @@ mod tests {
     fn signs_with_the_next_key_once_the_unit_trusts_it() {
         let keys = Keys::new(key(), Some(key()));
         let (old, new) = (keys.primary().public(), keys.next().unwrap().public());
-        assert_eq!(keys.for_peer(&[]).public(), old, "unknown: the enrolment key");
+        assert_eq!(
+            keys.for_peer(&[]).public(),
+            old,
+            "unknown: the enrolment key"
+        );
         assert_eq!(keys.for_peer(&[old.id()]).public(), old);
         assert_eq!(keys.for_peer(&[old.id(), new.id()]).public(), new);
         assert_eq!(keys.for_peer(&[new.id()]).public(), new);

@@ -190,6 +190,13 @@ impl Ledger {
     pub async fn create(&self, c: StoredCommand) -> Result<Created, StoreError> {
         let id = c.record.id;
         match self.store.create_open(&c).await? {
+            // A finished command's open key is purged, so `create` succeeds again for
+            // a retry that comes after the finish: history (written before the purge)
+            // says so, and the retry gets the final record instead of a second run.
+            Some(_) if let Some(done) = self.store.get_final(&id).await? => {
+                self.store.purge_open(&id).await?;
+                Ok(Created::Exists(done.record))
+            }
             Some(rev) => {
                 let record = c.record.clone();
                 self.open.lock().expect("open lock").insert(Entry {
@@ -202,7 +209,9 @@ impl Ledger {
             }
             None => match self.record(&id).await? {
                 Some(r) => Ok(Created::Exists(r)),
-                None => Err(StoreError::Kv(format!("command {id} vanished while being created"))),
+                None => Err(StoreError::Kv(format!(
+                    "command {id} vanished while being created"
+                ))),
             },
         }
     }
@@ -315,7 +324,11 @@ impl Ledger {
             }
             if step.persist == Persist::Deferred {
                 entry.unsaved = true;
-                self.open.lock().expect("open lock").by_id.insert(*id, entry);
+                self.open
+                    .lock()
+                    .expect("open lock")
+                    .by_id
+                    .insert(*id, entry);
                 self.deferred
                     .lock()
                     .expect("deferred lock")
@@ -327,7 +340,11 @@ impl Ledger {
                 Cas::Done(rev) => {
                     entry.rev = rev;
                     entry.unsaved = false;
-                    self.open.lock().expect("open lock").by_id.insert(*id, entry);
+                    self.open
+                        .lock()
+                        .expect("open lock")
+                        .by_id
+                        .insert(*id, entry);
                     self.publish(&record).await;
                     return Ok(Applied::Changed(record));
                 }
@@ -338,7 +355,9 @@ impl Ledger {
                 }
             }
         }
-        Err(StoreError::Kv(format!("command {id}: too many conflicting updates")))
+        Err(StoreError::Kv(format!(
+            "command {id}: too many conflicting updates"
+        )))
     }
 
     /// Make a final record durable: history first (only one writer wins the create),
@@ -398,7 +417,11 @@ impl Ledger {
                 entry.rev = rev;
                 entry.unsaved = false;
                 let record = entry.cmd.record.clone();
-                self.open.lock().expect("open lock").by_id.insert(*id, entry);
+                self.open
+                    .lock()
+                    .expect("open lock")
+                    .by_id
+                    .insert(*id, entry);
                 self.publish(&record).await;
             }
             Ok(Cas::Conflict) => {
@@ -411,7 +434,12 @@ impl Ledger {
     /// Write deferred transitions as they fall due, until the ledger is dropped.
     pub async fn write_deferred(&self) {
         loop {
-            let next = self.deferred.lock().expect("deferred lock").front().copied();
+            let next = self
+                .deferred
+                .lock()
+                .expect("deferred lock")
+                .front()
+                .copied();
             match next {
                 None => self.deferred_kick.notified().await,
                 Some((due, _)) if due > Instant::now() => tokio::time::sleep_until(due).await,
@@ -479,7 +507,10 @@ impl Ledger {
                 }
             }
         }
-        warn!(key, "cannot store last outcome: too many conflicting writes");
+        warn!(
+            key,
+            "cannot store last outcome: too many conflicting writes"
+        );
     }
 
     fn remember_last(&self, key: &str, command: MsgId, rev: u64) {
@@ -505,7 +536,9 @@ impl Ledger {
             Ok(Applied::Ignored(why, state)) => {
                 debug!(node, command = %id, ?why, state = state.word(), what, "event ignored")
             }
-            Ok(Applied::Unknown) => warn!(node, command = %id, what, "report for an unknown command: ignored"),
+            Ok(Applied::Unknown) => {
+                warn!(node, command = %id, what, "report for an unknown command: ignored")
+            }
             Ok(Applied::NotYours(owner)) => {
                 warn!(node, command = %id, owner = %owner, what, "report on another unit's command: ignored")
             }

@@ -28,7 +28,7 @@
 
 use outpost_wire::api::{CmdState, CommandRecord};
 use outpost_wire::limits::{MAX_NOTE, truncate};
-use outpost_wire::{AckKind, Outcome, RejectCode, Recorded, Status};
+use outpost_wire::{AckKind, Outcome, Recorded, RejectCode, Status};
 
 /// Something that happened to a command, at hub time `at` (ms).
 #[derive(Debug, Clone, PartialEq)]
@@ -455,7 +455,11 @@ mod tests {
     fn final_is_final() {
         for from in ALL.into_iter().filter(|s| s.is_final()) {
             for ev in events() {
-                assert_eq!(step(&rec(from), &ev), Err(Ignored::Final), "{from:?} {ev:?}");
+                assert_eq!(
+                    step(&rec(from), &ev),
+                    Err(Ignored::Final),
+                    "{from:?} {ev:?}"
+                );
             }
         }
     }
@@ -539,12 +543,9 @@ mod tests {
             assert_eq!(a.record.state, CmdState::Failed);
             assert_eq!(a.record.accepted_at, Some(60), "a lost ACK is implied");
         }
-        let expired = step(
-            &rec(CmdState::Sent),
-            &Event::DeadlinePassed { at: 2000 },
-        )
-        .unwrap()
-        .record;
+        let expired = step(&rec(CmdState::Sent), &Event::DeadlinePassed { at: 2000 })
+            .unwrap()
+            .record;
         assert_eq!(
             step(
                 &expired,
@@ -597,7 +598,10 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!((a.record.state, a.persist), (CmdState::Running, Persist::Deferred));
+        assert_eq!(
+            (a.record.state, a.persist),
+            (CmdState::Running, Persist::Deferred)
+        );
         let a = step(
             &rec(CmdState::Accepted),
             &Event::Started { at: 9, unit_at: 8 },
@@ -614,7 +618,14 @@ mod tests {
     #[test]
     fn revoked_units_commands_are_cancelled_saying_whether_they_may_have_run() {
         let why = "unit revoked".to_string();
-        let a = step(&rec(CmdState::Queued), &Event::Cancel { at: 1, why: why.clone() }).unwrap();
+        let a = step(
+            &rec(CmdState::Queued),
+            &Event::Cancel {
+                at: 1,
+                why: why.clone(),
+            },
+        )
+        .unwrap();
         assert_eq!(a.record.state, CmdState::Cancelled);
         assert!(a.record.note.contains("never ran"));
         let a = step(&rec(CmdState::Running), &Event::Cancel { at: 1, why }).unwrap();

@@ -33,7 +33,9 @@ enum Cmd {
     Send(SendArgs),
     /// List units: online or offline since when, inventory, clock, pending commands.
     /// Pages through the fleet; filters run at the hub.
-    #[command(after_help = "Examples:\n  outpost-hub nodes --offline\n  outpost-hub nodes 'pi-*' --selector 'site=oslo,role!=camera'\n  outpost-hub nodes pi-17 --json")]
+    #[command(
+        after_help = "Examples:\n  outpost-hub nodes --offline\n  outpost-hub nodes 'pi-*' --selector 'site=oslo,role!=camera'\n  outpost-hub nodes pi-17 --json"
+    )]
     Nodes {
         #[command(flatten)]
         nats: NatsArgs,
@@ -121,7 +123,8 @@ struct EnrollArgs {
     pki: PathBuf,
     /// The unit's name.
     node: String,
-    /// A label key=value the unit reports; repeatable.
+    /// A label key=value for selectors (`send --selector`, `nodes --selector`);
+    /// repeatable. Kept in units.json: the unit cannot change its own labels.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
     /// Where to write the bundle [default: <pki>/bundles/<node>].
@@ -395,7 +398,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 .or_else(|| beside(enroll::HUB_STORE_NKEY));
             let units = a.units.clone().or_else(|| beside(enroll::UNITS_FILE));
             if units.is_none() {
-                tracing::warn!("no enrolment list (--units): any unit that says hello can be commanded, and an unknown name is refused only once the hub has never heard of it");
+                tracing::warn!(
+                    "no enrolment list (--units): any unit that says hello can be commanded, and an unknown name is refused only once the hub has never heard of it"
+                );
             }
             let msg = a
                 .nats
@@ -416,7 +421,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                         .await?
                 }
                 None => {
-                    tracing::warn!("no store identity (--store-nkey-file, hub-store.nk): one connection for messages and store, so a forged reply subject is stopped by the hub's own checks only");
+                    tracing::warn!(
+                        "no store identity (--store-nkey-file, hub-store.nk): one connection for messages and store, so a forged reply subject is stopped by the hub's own checks only"
+                    );
                     msg.clone()
                 }
             };
@@ -454,7 +461,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                     .iter()
                     .map(|(node, r)| match r {
                         Ok(rec) => cli::record_json(rec),
-                        Err(e) => serde_json::json!({ "node": node, "error": e.message, "code": e.code }),
+                        Err(e) => {
+                            serde_json::json!({ "node": node, "error": e.message, "code": e.code })
+                        }
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);

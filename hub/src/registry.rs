@@ -152,12 +152,18 @@ pub struct Registry {
     units_file: Option<PathBuf>,
 }
 
+/// A unit's labels: what the operator enrolled it with, which the unit cannot change;
+/// a unit not on an enrolment list (no list, or not yet on it) shows what it says.
+fn labels(u: &Unit) -> &[(String, String)] {
+    match (&u.enrolled, &u.seen) {
+        (Some(l), _) => l,
+        (None, Some(s)) => &s.inv.labels,
+        (None, None) => &[],
+    }
+}
+
 fn view(name: &str, u: &Unit, enrolled: bool, pending: u32, now: u64) -> NodeView {
-    let labels = u
-        .enrolled
-        .as_deref()
-        .map(<[_]>::to_vec)
-        .unwrap_or_default();
+    let labels = labels(u).to_vec();
     match &u.seen {
         Some(s) => {
             let online = is_online(s, now);
@@ -272,7 +278,9 @@ impl Registry {
             let labels: Arc<[(String, String)]> = labels_of(&u.labels).into();
             inner.units.entry(name.clone()).or_default().enrolled = Some(labels);
         }
-        inner.units.retain(|_, u| u.enrolled.is_some() || u.seen.is_some());
+        inner
+            .units
+            .retain(|_, u| u.enrolled.is_some() || u.seen.is_some());
         inner.has_list = true;
         inner.list_mtime = mtime;
         Ok(revoked)
@@ -382,13 +390,16 @@ impl Registry {
             if inner.units.get(node).is_some_and(|u| u.seen.is_some()) {
                 return Err(ApiError::new(
                     ErrorCode::Revoked,
-                    format!("{node} is not enrolled any more (revoked): enrol it again to command it"),
+                    format!(
+                        "{node} is not enrolled any more (revoked): enrol it again to command it"
+                    ),
                 ));
             }
             let near = nearest(node, inner.units.keys().map(String::as_str), SUGGESTIONS);
             let hint = if near.is_empty() {
                 if inner.has_list {
-                    " (`outpost-hub nodes` lists the fleet; `outpost-hub enroll` adds a unit)".to_string()
+                    " (`outpost-hub nodes` lists the fleet; `outpost-hub enroll` adds a unit)"
+                        .to_string()
                 } else {
                     " (the hub has no enrolment list, --units, so it knows only units that said hello)".to_string()
                 }
@@ -406,7 +417,10 @@ impl Registry {
             None if V1_METHODS.contains(&name) => Ok(()),
             None => Err(ApiError::new(
                 ErrorCode::Unsupported,
-                format!("{node} has never said hello, so the hub cannot tell whether its agent serves {name}; version 1 agents serve only {}", V1_METHODS.join(", ")),
+                format!(
+                    "{node} has never said hello, so the hub cannot tell whether its agent serves {name}; version 1 agents serve only {}",
+                    V1_METHODS.join(", ")
+                ),
             )),
             Some(s) if !s.inv.methods.iter().any(|m| m == name) => Err(ApiError::new(
                 ErrorCode::Unsupported,
@@ -421,7 +435,11 @@ impl Registry {
                     ErrorCode::NotAllowed,
                     format!(
                         "{node}'s [allow] methods do not include {name} (it allows {}): change the unit's edge.toml",
-                        if s.inv.allowed.is_empty() { "nothing".to_string() } else { s.inv.allowed.join(", ") }
+                        if s.inv.allowed.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            s.inv.allowed.join(", ")
+                        }
                     ),
                 ))
             }
@@ -452,7 +470,7 @@ impl Registry {
         let matches = |name: &str, u: &Unit| -> bool {
             (req.name.is_empty() || glob(&req.name, name))
                 && (selector.is_empty()
-                    || u.enrolled.as_deref().is_some_and(|l| selector.matches(l)))
+                    || selector.matches(labels(u)))
                 && req
                     .online
                     .is_none_or(|want| u.seen.as_ref().is_some_and(|s| is_online(s, now)) == want)
@@ -498,8 +516,16 @@ impl Registry {
 /// An upper estimate of a view's encoded size.
 fn approx_bytes(v: &NodeView) -> usize {
     let strings = v.name.len() + v.arch.len() + v.os.len() + v.kernel.len() + v.agent_version.len();
-    let lists: usize = v.labels.iter().map(|(k, val)| k.len() + val.len() + 2).sum::<usize>()
-        + v.methods.iter().chain(&v.allowed).map(|m| m.len() + 1).sum::<usize>();
+    let lists: usize = v
+        .labels
+        .iter()
+        .map(|(k, val)| k.len() + val.len() + 2)
+        .sum::<usize>()
+        + v.methods
+            .iter()
+            .chain(&v.allowed)
+            .map(|m| m.len() + 1)
+            .sum::<usize>();
     strings + lists + 80
 }
 
@@ -629,6 +655,9 @@ mod tests {
             name: "u0000?".into(),
             ..Default::default()
         };
-        assert_eq!(r.page(&req, &Selector::default(), |_| 0, 1000).nodes.len(), 10);
+        assert_eq!(
+            r.page(&req, &Selector::default(), |_| 0, 1000).nodes.len(),
+            10
+        );
     }
 }

@@ -20,7 +20,9 @@ pub struct Selector(Vec<Req>);
 
 /// A selector that does not parse, with what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid selector {text:?}: {why} (write e.g. `site=oslo,role!=camera,tier in (a,b),!retired`)")]
+#[error(
+    "invalid selector {text:?}: {why} (write e.g. `site=oslo,role!=camera,tier in (a,b),!retired`)"
+)]
 pub struct SelectorError {
     pub text: String,
     pub why: String,
@@ -176,7 +178,11 @@ pub fn nearest<'a>(name: &str, names: impl Iterator<Item = &'a str>, n: usize) -
         .filter(|(d, _)| *d <= limit)
         .collect();
     scored.sort();
-    scored.into_iter().take(n).map(|(_, c)| c.to_string()).collect()
+    scored
+        .into_iter()
+        .take(n)
+        .map(|(_, c)| c.to_string())
+        .collect()
 }
 
 #[cfg(test)]
@@ -204,7 +210,15 @@ mod tests {
         assert!(!yes("tier notin (a,b)"));
         assert!(yes("missing notin (a,b)"));
         assert!(yes("site") && !yes("retired") && yes("!retired") && !yes("!site"));
-        for bad in ["site=", "=x", "a in b", "a in (x y)", ",", "k=v,,", "bad key=1"] {
+        for bad in [
+            "site=",
+            "=x",
+            "a in b",
+            "a in (x y)",
+            ",",
+            "k=v,,",
+            "bad key=1",
+        ] {
             let e = Selector::parse(bad);
             if bad == "site=" {
                 // An empty value is a value (Kubernetes allows it).

@@ -229,7 +229,11 @@ async fn watch_enrolment(hub: Arc<Hub>) {
 async fn cancel_revoked(hub: &Hub, revoked: &[String]) {
     for node in revoked {
         let open = hub.ledger.open_of(node);
-        warn!(node, open_commands = open.len(), "unit revoked: cancelling its commands");
+        warn!(
+            node,
+            open_commands = open.len(),
+            "unit revoked: cancelling its commands"
+        );
         for (_, id) in open {
             let r = hub
                 .ledger

@@ -26,6 +26,9 @@ use outpost_wire::{MsgId, Wire, decode, encode};
 use std::time::Duration;
 use tracing::{info, warn};
 
+/// The hub's buckets, `<prefix>-<name>`; `commands` is version 1's, read once to migrate.
+pub const BUCKETS: [&str; 5] = ["open", "history", "nodes", "last", "commands"];
+
 /// Largest value any bucket accepts: one NATS message.
 pub const MAX_VALUE: i32 = outpost_wire::MAX_PAYLOAD as i32;
 /// How long finished commands are kept unless the operator says otherwise.
@@ -111,7 +114,12 @@ async fn bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::Store, 
     match js.get_key_value(&name).await {
         Ok(store) => {
             let stream = format!("KV_{name}");
-            let mut info = js.get_stream(&stream).await.map_err(kv_err)?.cached_info().clone();
+            let mut info = js
+                .get_stream(&stream)
+                .await
+                .map_err(kv_err)?
+                .cached_info()
+                .clone();
             let c = &mut info.config;
             let max_age = want.max_age;
             if c.max_age != max_age || c.max_bytes != want.max_bytes.max(-1) {
@@ -158,7 +166,10 @@ async fn get<T: Wire>(
 /// Every live value of a bucket with its revision, read in one pass (a watch over the
 /// last value per key), not one request per key. Values that do not decode are
 /// reported and counted, never fatal.
-async fn load_all<T: Wire>(kv: &kv::Store, bucket: &str) -> Result<(Vec<(T, u64)>, usize), StoreError> {
+async fn load_all<T: Wire>(
+    kv: &kv::Store,
+    bucket: &str,
+) -> Result<(Vec<(T, u64)>, usize), StoreError> {
     let status = kv.status().await.map_err(kv_err)?;
     let mut out = Vec::new();
     let mut damaged = 0;
@@ -200,18 +211,21 @@ impl Store {
         prefix: &str,
         retention: Retention,
     ) -> Result<Store, StoreError> {
-        let mut open_cfg = bucket_config(format!("{prefix}-open"), "outpost commands not final yet");
+        let mut open_cfg =
+            bucket_config(format!("{prefix}-open"), "outpost commands not final yet");
         open_cfg.limit_markers = Some(OPEN_MARKER_TTL);
-        let mut history_cfg = bucket_config(
-            format!("{prefix}-history"),
-            "outpost finished commands",
-        );
+        let mut history_cfg =
+            bucket_config(format!("{prefix}-history"), "outpost finished commands");
         history_cfg.max_age = retention.max_age;
         history_cfg.max_bytes = retention.max_bytes;
         let store = Store {
             open: bucket(js, open_cfg).await?,
             history: bucket(js, history_cfg).await?,
-            nodes: bucket(js, bucket_config(format!("{prefix}-nodes"), "outpost units")).await?,
+            nodes: bucket(
+                js,
+                bucket_config(format!("{prefix}-nodes"), "outpost units"),
+            )
+            .await?,
             last: bucket(
                 js,
                 bucket_config(
@@ -247,7 +261,12 @@ impl Store {
             create_new(bucket, &key, Bytes::from(encode(c))).await?;
         }
         js.delete_key_value(&name).await.map_err(kv_err)?;
-        info!(open, finished = done, damaged, "took over the version 1 commands bucket");
+        info!(
+            open,
+            finished = done,
+            damaged,
+            "took over the version 1 commands bucket"
+        );
         Ok(())
     }
 
@@ -271,11 +290,13 @@ impl Store {
     /// Write a final record. `Ok(false)`: it is in history already (someone finished
     /// it first; that version stands).
     pub async fn create_final(&self, c: &StoredCommand) -> Result<bool, StoreError> {
-        Ok(
-            create_new(&self.history, &c.record.id.to_string(), Bytes::from(encode(c)))
-                .await?
-                .is_some(),
+        Ok(create_new(
+            &self.history,
+            &c.record.id.to_string(),
+            Bytes::from(encode(c)),
         )
+        .await?
+        .is_some())
     }
 
     /// Drop a command from `open` (after its final record is in history).
@@ -328,7 +349,11 @@ impl Store {
         l: &LastOutcome,
         revision: u64,
     ) -> Result<Cas, StoreError> {
-        match self.last.update(key, Bytes::from(encode(l)), revision).await {
+        match self
+            .last
+            .update(key, Bytes::from(encode(l)), revision)
+            .await
+        {
             Ok(rev) => Ok(Cas::Done(rev)),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Cas::Conflict),
             Err(e) => Err(kv_err(e)),

@@ -148,9 +148,7 @@ pub async fn start(f: &mut Fleet, prefix: &str, n: usize, per_conn: usize) -> Re
                 clock: HubClock::new(),
             });
             let cmds = client.subscribe(subjects.command(name)).await?;
-            let inbox = client
-                .subscribe(format!("{}.>", unit_inbox(name)))
-                .await?;
+            let inbox = client.subscribe(format!("{}.>", unit_inbox(name))).await?;
             sim.tasks.push(tokio::spawn(serve(
                 unit,
                 cmds,

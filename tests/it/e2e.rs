@@ -207,6 +207,7 @@ async fn offline_unit_gets_its_command_when_it_starts() {
         let effect = f.work_dir("pi-late").join("ran");
         let argv = append_argv(&effect, "once");
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        f.enroll("pi-late")?;
         let id = f.exec("pi-late", &argv).await?;
         // The hub keeps trying; the operator sees why it has not landed.
         let sent = outpost_tests::eventually("a failed attempt", T, || {
@@ -315,12 +316,33 @@ async fn garbage_and_forged_commands_are_rejected_and_the_agent_keeps_serving() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_list_and_bad_arguments_are_rejected() {
     scenario!(f, {
-        let opts = AgentOpts {
+        let narrow = AgentOpts {
             config: "[allow]\nmethods = [\"ping\", \"file.read\"]\nread = [\"/\"]\n".into(),
             ..Default::default()
         };
-        f.start_agent("pi-1", &opts).await?;
+        f.start_agent("pi-1", &narrow).await?;
+        // The hub knows what the unit allows and refuses up front, naming it.
+        let o = f.cli(&["send", "--to", "pi-1", "--", "true"]);
+        assert_eq!(o.status.code(), Some(255), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("do not include exec (it allows ping, file.read)"),
+            "{}",
+            stderr(&o)
+        );
+        // The unit enforces its own list: a command queued while the hub believed
+        // exec allowed (the unit's config narrowed while it was offline) is refused.
+        f.kill_agent("pi-1");
+        f.start_agent("pi-1", &AgentOpts::default()).await?;
+        outpost_tests::eventually("the hub to see exec allowed", T, || async {
+            let n = f.nodes().await.ok()?;
+            n.iter()
+                .any(|n| n.name == "pi-1" && n.allowed.iter().any(|m| m == "exec"))
+                .then_some(())
+        })
+        .await?;
+        f.kill_agent("pi-1");
         let id = f.exec("pi-1", &["true"]).await?;
+        f.start_agent("pi-1", &narrow).await?;
         let r = f.wait_final(id, T).await?;
         assert_eq!(r.state, CmdState::Rejected);
         assert!(r.note.contains("NotAllowed"), "{}", r.note);
@@ -354,6 +376,7 @@ async fn expired_command_never_runs() {
             env: vec![],
             cwd: None,
         });
+        f.enroll("pi-1")?;
         let id = f.send("pi-1", m, Duration::from_secs(2), 0).await?;
         let r = f.wait_final(id, T).await?;
         assert_eq!(r.state, CmdState::Expired);
@@ -362,8 +385,14 @@ async fn expired_command_never_runs() {
         f.wait_final(probe, T).await?;
         assert!(!effect.exists());
         assert_eq!(f.show(id).await?.state, CmdState::Expired);
+        // A unit that was never enrolled is an error at once, not a silent expiry.
         let o = f.cli(&["send", "--to", "nobody", "--deadline", "1s", "--", "true"]);
-        assert_eq!(o.status.code(), Some(126), "{}", stderr(&o));
+        assert_eq!(o.status.code(), Some(255), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("no unit \"nobody\" is enrolled"),
+            "{}",
+            stderr(&o)
+        );
         Ok(())
     });
 }
@@ -418,6 +447,7 @@ async fn a_retried_send_queues_the_command_once() {
             ttl_ms: 60_000,
         };
         let c = f.client().await?;
+        f.enroll("pi-1")?;
         // The operator's reply was lost, so it asks again with the same id.
         let first = outpost_hub::cli::send(&c, &f.subjects, req.clone(), false, false).await?;
         let again = outpost_hub::cli::send(&c, &f.subjects, req.clone(), false, false).await?;
@@ -464,8 +494,9 @@ async fn send_to_many_units_in_one_call() {
             stderr(&o)
         );
 
-        // A unit that never comes: its command expires; the exit code is the one
-        // `send` to it alone gives, and the others still ran.
+        // An enrolled unit that never comes: its command expires; the exit code is
+        // the one `send` to it alone gives, and the others still ran.
+        f.enroll("ghost")?;
         let o = f.cli(&[
             "send",
             "--to",

@@ -170,7 +170,10 @@ mod tests {
         assert_eq!(decode::<u32>(&[1, 5, 0]), Err(DecodeError::Trailing(1)));
         // A newer version: the fields this build knows, then appended ones it skips.
         assert_eq!(decode_versioned::<u32>(&[200, 5, 9, 9]), Ok((5, 200)));
-        assert_eq!(decode::<u32>(&[1, 0x80, 0x00]), Err(DecodeError::NonCanonical));
+        assert_eq!(
+            decode::<u32>(&[1, 0x80, 0x00]),
+            Err(DecodeError::NonCanonical)
+        );
         assert_eq!(encode_for(&5u32, 0), vec![PROTOCOL_MIN, 5]);
         assert_eq!(encode_for(&5u32, 250), vec![PROTOCOL, 5]);
     }

@@ -150,7 +150,11 @@ pub fn verify_any(keys: &[PublicKey], signed: &[u8]) -> Result<Verified, VerifyE
     let (body, sig) = signed.split_at(split);
     let key = keys
         .iter()
-        .position(|k| UnparsedPublicKey::new(&ED25519, &k.0).verify(body, sig).is_ok())
+        .position(|k| {
+            UnparsedPublicKey::new(&ED25519, &k.0)
+                .verify(body, sig)
+                .is_ok()
+        })
         .ok_or(VerifyError::BadSignature)?;
     let (command, version) = decode_versioned(body)?;
     Ok(Verified {

@@ -325,10 +325,7 @@ fn hello_v2_vector() {
     };
     check_at(2, &h, V2_HELLO);
     // What a version 1 hub reads: the released layout.
-    assert_eq!(
-        hex(&encode_for(&h, 1)),
-        hex(&encode_for(&hello_v1(), 1))
-    );
+    assert_eq!(hex(&encode_for(&h, 1)), hex(&encode_for(&hello_v1(), 1)));
     // A later version appends fields: this build reads what it knows, skips the rest.
     let mut later = encode_for(&h, 2);
     later[0] = 3;

@@ -412,14 +412,20 @@ impl Fleet {
 
     /// Enrol a unit with the real `outpost-hub enroll` (which reloads the broker).
     pub fn enroll(&mut self, node: &str) -> Result<()> {
-        let o = self.cli(&[
-            "enroll",
-            "--pki",
-            &self.pki().display().to_string(),
-            node,
-            "--install-dir",
-            &self.bundle(node).display().to_string(),
-        ]);
+        self.enroll_with_labels(node, &[])
+    }
+
+    /// Enrol a unit with labels (what selectors match; the unit cannot change them).
+    pub fn enroll_with_labels(&mut self, node: &str, labels: &[String]) -> Result<()> {
+        let (pki, dir) = (
+            self.pki().display().to_string(),
+            self.bundle(node).display().to_string(),
+        );
+        let mut args = vec!["enroll", "--pki", &pki, node, "--install-dir", &dir];
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        let o = self.cli(&args);
         if !o.status.success() {
             bail!("enroll {node}: {}", String::from_utf8_lossy(&o.stderr));
         }
@@ -429,7 +435,7 @@ impl Fleet {
 
     pub fn agent_command(&mut self, node: &str, o: &AgentOpts) -> Result<Command> {
         if !self.enrolled.contains(node) {
-            self.enroll(node)?;
+            self.enroll_with_labels(node, &o.labels)?;
         }
         let cfg = self.dir.path().join(format!("{node}.toml"));
         std::fs::write(&cfg, &o.config)?;
@@ -520,21 +526,28 @@ impl Fleet {
         units.save(&self.pki())?;
         let path = self.pki().join(format!("{name}.nk"));
         std::fs::write(&path, format!("{seed}\n"))?;
-        anyhow::ensure!(enroll::reload_broker(&self.pki()), "cannot reload the broker");
+        anyhow::ensure!(
+            enroll::reload_broker(&self.pki()),
+            "cannot reload the broker"
+        );
         // The reload is asynchronous: wait until the identity is let in.
         let (ca, url) = (self.ca(), self.url());
-        eventually(&format!("identity {name} to be accepted"), Duration::from_secs(10), || {
-            let (seed, ca, url) = (seed.clone(), ca.clone(), url.clone());
-            async move {
-                async_nats::ConnectOptions::with_nkey(seed)
-                    .add_root_certificates(ca)
-                    .require_tls(true)
-                    .connect(url)
-                    .await
-                    .ok()
-                    .map(|_| ())
-            }
-        })
+        eventually(
+            &format!("identity {name} to be accepted"),
+            Duration::from_secs(10),
+            || {
+                let (seed, ca, url) = (seed.clone(), ca.clone(), url.clone());
+                async move {
+                    async_nats::ConnectOptions::with_nkey(seed)
+                        .add_root_certificates(ca)
+                        .require_tls(true)
+                        .connect(url)
+                        .await
+                        .ok()
+                        .map(|_| ())
+                }
+            },
+        )
         .await?;
         Ok(path)
     }
@@ -544,13 +557,15 @@ impl Fleet {
     /// reports). It may not publish to JetStream, the API or the hub's own subjects.
     pub async fn hub_client(&self) -> Result<Client> {
         let seed = std::fs::read_to_string(self.pki().join("hub.nk"))?;
-        Ok(async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
-            .add_root_certificates(self.ca())
-            .require_tls(true)
-            .tls_first()
-            .custom_inbox_prefix(outpost_wire::subject::hub_inbox("test", "msg"))
-            .connect(self.url())
-            .await?)
+        Ok(
+            async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
+                .add_root_certificates(self.ca())
+                .require_tls(true)
+                .tls_first()
+                .custom_inbox_prefix(outpost_wire::subject::hub_inbox("test", "msg"))
+                .connect(self.url())
+                .await?,
+        )
     }
 
     async fn connect_client(&mut self) -> Result<()> {
