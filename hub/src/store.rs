@@ -83,6 +83,8 @@ impl Default for Retention {
 
 #[derive(Clone)]
 pub struct Store {
+    js: jetstream::Context,
+    prefix: String,
     open: kv::Store,
     history: kv::Store,
     nodes: kv::Store,
@@ -122,10 +124,12 @@ async fn bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::Store, 
                 .clone();
             let c = &mut info.config;
             let max_age = want.max_age;
-            if c.max_age != max_age || c.max_bytes != want.max_bytes.max(-1) {
-                info!(bucket = %name, max_age_s = max_age.as_secs(), max_bytes = want.max_bytes, "bucket limits changed");
+            // 0 (or less) means no limit, which the server stores as -1.
+            let max_bytes = if want.max_bytes > 0 { want.max_bytes } else { -1 };
+            if c.max_age != max_age || c.max_bytes != max_bytes {
+                info!(bucket = %name, max_age_s = max_age.as_secs(), max_bytes, "bucket limits changed");
                 c.max_age = max_age;
-                c.max_bytes = want.max_bytes;
+                c.max_bytes = max_bytes;
                 js.update_stream(c.clone()).await.map_err(kv_err)?;
             }
             Ok(store)
@@ -167,28 +171,47 @@ async fn get<T: Wire>(
 /// last value per key), not one request per key. Values that do not decode are
 /// reported and counted, never fatal.
 async fn load_all<T: Wire>(
-    kv: &kv::Store,
+    js: &jetstream::Context,
     bucket: &str,
 ) -> Result<(Vec<(T, u64)>, usize), StoreError> {
-    let status = kv.status().await.map_err(kv_err)?;
-    let mut out = Vec::new();
-    let mut damaged = 0;
-    if status.values() == 0 {
+    use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(kv_err)?;
+    // An ordered consumer over the last message per key: it says up front how many
+    // it will deliver, so an empty (or all-deleted) bucket is not waited on.
+    let mut consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: format!("$KV.{bucket}.>"),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(kv_err)?;
+    let (mut out, mut damaged) = (Vec::new(), 0);
+    if consumer.info().await.map_err(kv_err)?.num_pending == 0 {
         return Ok((out, damaged));
     }
-    let mut watch = kv.watch_all().await.map_err(kv_err)?;
-    while let Some(entry) = watch.next().await {
-        let entry = entry.map_err(kv_err)?;
-        if entry.operation == kv::Operation::Put {
-            match decode::<T>(&entry.value) {
-                Ok(v) => out.push((v, entry.revision)),
+    let mut messages = consumer.messages().await.map_err(kv_err)?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(kv_err)?;
+        let info = m.info().map_err(kv_err)?;
+        let (revision, pending) = (info.stream_sequence, info.pending);
+        // A delete, a purge or a server marker carries a header saying so.
+        let removed = m.headers.as_ref().is_some_and(|h| {
+            h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some()
+        });
+        if !removed {
+            match decode::<T>(&m.payload) {
+                Ok(v) => out.push((v, revision)),
                 Err(e) => {
                     damaged += 1;
-                    warn!(bucket, key = %entry.key, error = %e, "damaged record skipped");
+                    warn!(bucket, key = %m.subject, error = %e, "damaged record skipped");
                 }
             }
         }
-        if entry.delta == 0 || entry.seen_current {
+        if pending == 0 {
             break;
         }
     }
@@ -219,6 +242,8 @@ impl Store {
         history_cfg.max_age = retention.max_age;
         history_cfg.max_bytes = retention.max_bytes;
         let store = Store {
+            js: js.clone(),
+            prefix: prefix.to_string(),
             open: bucket(js, open_cfg).await?,
             history: bucket(js, history_cfg).await?,
             nodes: bucket(
@@ -244,10 +269,10 @@ impl Store {
     /// Runs once; reads the old bucket in one pass.
     async fn migrate_v1(&self, js: &jetstream::Context, prefix: &str) -> Result<(), StoreError> {
         let name = format!("{prefix}-commands");
-        let Ok(old) = js.get_key_value(&name).await else {
+        if js.get_key_value(&name).await.is_err() {
             return Ok(());
-        };
-        let (all, damaged) = load_all::<StoredCommand>(&old, &name).await?;
+        }
+        let (all, damaged) = load_all::<StoredCommand>(js, &name).await?;
         let (mut open, mut done) = (0, 0);
         for (c, _) in &all {
             let key = c.record.id.to_string();
@@ -319,7 +344,7 @@ impl Store {
 
     /// Every command not final yet (at start-up).
     pub async fn open_commands(&self) -> Result<OpenCommands, StoreError> {
-        let (commands, damaged) = load_all(&self.open, "open").await?;
+        let (commands, damaged) = load_all(&self.js, &format!("{}-open", self.prefix)).await?;
         Ok(OpenCommands { commands, damaged })
     }
 
@@ -333,7 +358,7 @@ impl Store {
 
     /// Every unit record; the count of damaged ones (skipped).
     pub async fn all_nodes(&self) -> Result<(Vec<NodeRecord>, usize), StoreError> {
-        let (all, damaged) = load_all(&self.nodes, "nodes").await?;
+        let (all, damaged) = load_all(&self.js, &format!("{}-nodes", self.prefix)).await?;
         Ok((all.into_iter().map(|(n, _)| n).collect(), damaged))
     }
 

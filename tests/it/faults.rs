@@ -395,6 +395,7 @@ async fn acks_lost_so_the_hub_resends_what_already_ran() {
 async fn deadline_passes_while_offline_so_it_never_runs() {
     scenario!(f, {
         // unit-a is offline: its commands expire. unit-b is online: its run.
+        f.enroll("unit-a")?;
         f.start_agent("unit-b", &AgentOpts::default()).await?;
         let p: Vec<Planned> = plan(&f, &NODES, PER_SCENARIO, Duration::from_secs(3));
         let (h, _) = start_stream(&f, f.client().await?, p, Duration::from_millis(2));
