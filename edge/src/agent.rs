@@ -769,7 +769,7 @@ async fn say_hello(agent: Arc<Agent>) {
             match agent.client.send_request(subject.clone(), req).await {
                 Ok(msg) => match decode_versioned::<HelloReply>(&msg.payload) {
                     Ok((r, _)) => {
-                        let v = r.proto_max.min(PROTOCOL).max(PROTOCOL_MIN);
+                        let v = r.proto_max.clamp(PROTOCOL_MIN, PROTOCOL);
                         if agent.hub_proto.swap(v, Ordering::Relaxed) != v {
                             info!(protocol = v, "hub answered the hello");
                         }

@@ -91,7 +91,7 @@ pub enum Created {
 #[derive(Debug)]
 pub enum Applied {
     /// The record changed (and is written, or will be shortly if deferred).
-    Changed(CommandRecord),
+    Changed(Box<CommandRecord>),
     /// It did not; why.
     Ignored(Ignored, CmdState),
     /// No such command (never, or older than the history retention).
@@ -334,7 +334,7 @@ impl Ledger {
                     .expect("deferred lock")
                     .push_back((Instant::now() + DEFERRED_WRITE_DELAY, *id));
                 self.deferred_kick.notify_one();
-                return Ok(Applied::Changed(record));
+                return Ok(Applied::Changed(Box::new(record)));
             }
             match self.store.update_open(&entry.cmd, entry.rev).await? {
                 Cas::Done(rev) => {
@@ -346,7 +346,7 @@ impl Ledger {
                         .by_id
                         .insert(*id, entry);
                     self.publish(&record).await;
-                    return Ok(Applied::Changed(record));
+                    return Ok(Applied::Changed(Box::new(record)));
                 }
                 Cas::Conflict => {
                     // Another writer's version wins; a deferred transition of ours is
@@ -388,7 +388,7 @@ impl Ledger {
             self.record_last(last_key(&record.node, &record.method, &record.domain), last)
                 .await;
         }
-        Ok(Applied::Changed(record))
+        Ok(Applied::Changed(Box::new(record)))
     }
 
     async fn publish(&self, r: &CommandRecord) {

@@ -363,7 +363,7 @@ impl Registry {
         let inner = self.inner.lock().expect("registry lock");
         match inner.units.get(node).and_then(|u| u.seen.as_ref()) {
             Some(s) => Peer {
-                proto: s.inv.proto_max.min(PROTOCOL).max(1),
+                proto: s.inv.proto_max.clamp(1, PROTOCOL),
                 keys: s.inv.keys.clone(),
             },
             None => Peer {
@@ -469,8 +469,7 @@ impl Registry {
         let inner = self.inner.lock().expect("registry lock");
         let matches = |name: &str, u: &Unit| -> bool {
             (req.name.is_empty() || glob(&req.name, name))
-                && (selector.is_empty()
-                    || selector.matches(labels(u)))
+                && (selector.is_empty() || selector.matches(labels(u)))
                 && req
                     .online
                     .is_none_or(|want| u.seen.as_ref().is_some_and(|s| is_online(s, now)) == want)

@@ -125,7 +125,11 @@ async fn bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::Store, 
             let c = &mut info.config;
             let max_age = want.max_age;
             // 0 (or less) means no limit, which the server stores as -1.
-            let max_bytes = if want.max_bytes > 0 { want.max_bytes } else { -1 };
+            let max_bytes = if want.max_bytes > 0 {
+                want.max_bytes
+            } else {
+                -1
+            };
             if c.max_age != max_age || c.max_bytes != max_bytes {
                 info!(bucket = %name, max_age_s = max_age.as_secs(), max_bytes, "bucket limits changed");
                 c.max_age = max_age;
