@@ -13,7 +13,7 @@
 use crate::config::Config;
 use crate::intake::{self, Decision};
 use crate::inventory;
-use crate::methods::{self, Limits};
+use crate::methods::{self, Ctx, Limits};
 use crate::state::{StateDir, Ticket};
 use async_nats::{Client, ConnectOptions, Event};
 use bytes::Bytes;
@@ -303,11 +303,14 @@ async fn dispatch(agent: Arc<Agent>, mut rx: mpsc::Receiver<Ticket>, slots: Arc<
                 0 => agent.cfg.default_timeout_ms,
                 t => t,
             };
-            let limits = Limits {
-                output_cap: agent.cfg.output_cap,
-                timeout: Duration::from_millis(timeout as u64),
+            let ctx = Ctx {
+                limits: Limits {
+                    output_cap: agent.cfg.output_cap,
+                    timeout: Duration::from_millis(timeout as u64),
+                },
+                policy: &agent.cfg.policy,
             };
-            let outcome = methods::run(cmd.id, &cmd.method, limits).await;
+            let outcome = methods::run(cmd.id, &cmd.method, &ctx).await;
             info!(command = %cmd.id, status = outcome.status.word(), exit = ?outcome.exit_code,
                   ms = outcome.duration_ms, "command finished");
             retry_state(&agent, cmd.id, |s| s.finish(&ticket, &outcome)).await;

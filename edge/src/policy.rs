@@ -5,6 +5,7 @@
 //! The default allows `ping` only: a unit does nothing else until its operator writes
 //! an `[allow]` table (the Ansible role does).
 
+use crate::methods;
 use outpost_wire::{Method, RejectCode, Rejection};
 use serde::Deserialize;
 use std::path::{Component, Path, PathBuf};
@@ -60,10 +61,10 @@ pub enum PolicyError {
 /// The checked allow-list.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    methods: Vec<String>,
-    exec: Vec<Vec<String>>,
-    read: Vec<PathBuf>,
-    write: Vec<PathBuf>,
+    pub(crate) methods: Vec<String>,
+    pub(crate) exec: Vec<Vec<String>>,
+    pub(crate) read: Vec<PathBuf>,
+    pub(crate) write: Vec<PathBuf>,
 }
 
 impl Policy {
@@ -133,23 +134,19 @@ impl Policy {
         }
         match method {
             Method::Ping => Ok(()),
-            Method::Exec(e) => {
-                if self.exec.iter().any(|p| argv_matches(p, &e.argv)) {
-                    Ok(())
-                } else {
-                    no(format!(
-                        "argv {:?} matches no pattern in this unit's [allow] exec",
-                        e.argv
-                    ))
-                }
-            }
-            Method::FileRead(r) => check_path("read", &self.read, &r.path),
-            Method::FileWrite(w) => check_path("write", &self.write, &w.path),
+            Method::Exec(e) => methods::exec::allowed(self, e),
+            Method::FileRead(r) => methods::file_read::allowed(self, r),
+            Method::FileWrite(w) => methods::file_write::allowed(self, w),
         }
     }
 }
 
-fn check_path(what: &str, prefixes: &[PathBuf], path: &str) -> Result<(), Rejection> {
+/// Whether `path` lies under one of `prefixes` (the `[allow] what` key).
+pub(crate) fn check_prefixes(
+    what: &str,
+    prefixes: &[PathBuf],
+    path: &str,
+) -> Result<(), Rejection> {
     let p = Path::new(path);
     // Judge the path as written and, where its directory exists, as resolved, so a
     // symlinked directory cannot lead outside an allowed prefix.
@@ -198,7 +195,7 @@ fn glob(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-fn argv_matches(pattern: &[String], argv: &[String]) -> bool {
+pub(crate) fn argv_matches(pattern: &[String], argv: &[String]) -> bool {
     match pattern.split_last() {
         Some((last, head)) if last == "..." => {
             argv.len() >= head.len() && head.iter().zip(argv).all(|(p, a)| glob(p, a))

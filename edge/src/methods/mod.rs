@@ -1,0 +1,139 @@
+//! The built-in methods, one file each (its argument check, its allow-list check and
+//! its execution together); this file only dispatches. Each method turns a checked
+//! command into an [`Outcome`]; none panics and none returns without one.
+
+pub mod exec;
+pub mod file_read;
+pub mod file_write;
+pub mod ping;
+
+use crate::policy::Policy;
+use outpost_wire::{Method, MsgId, Outcome, Status, now_ms};
+use std::path::{Component, Path};
+use std::time::{Duration, Instant};
+
+/// What a method needs besides its arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub output_cap: u32,
+    pub timeout: Duration,
+}
+
+/// The context a method runs in: its limits and the allow-list it is checked against
+/// again at run time (the file system may have changed since intake).
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx<'a> {
+    pub limits: Limits,
+    pub policy: &'a Policy,
+}
+
+/// Arguments that can be refused before anything runs (the ACK then says `BadArgs`).
+pub fn check_args(method: &Method) -> Result<(), String> {
+    match method {
+        Method::Ping => Ok(()),
+        Method::Exec(e) => exec::check_args(e),
+        Method::FileRead(r) => file_read::check_args(r),
+        Method::FileWrite(w) => file_write::check_args(w),
+    }
+}
+
+/// Run one method to its outcome.
+pub async fn run(id: MsgId, method: &Method, ctx: &Ctx<'_>) -> Outcome {
+    let started_at = now_ms();
+    let t0 = Instant::now();
+    let mut out = match method {
+        Method::Ping => ping::run(),
+        Method::Exec(e) => exec::run(e, ctx).await,
+        Method::FileWrite(w) => file_write::run(w, id).await,
+        Method::FileRead(r) => file_read::run(r, ctx).await,
+    };
+    out.command = id;
+    out.started_at = started_at;
+    out.duration_ms = t0.elapsed().as_millis().min(u32::MAX as u128) as u32;
+    out
+}
+
+/// A path argument: absolute, without `..`, naming a file.
+pub(crate) fn check_path(path: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(format!("path {path:?} is not absolute"));
+    }
+    if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!("path {path:?} contains `..`"));
+    }
+    if p.file_name().is_none() {
+        return Err(format!("path {path:?} names no file"));
+    }
+    Ok(())
+}
+
+fn blank(status: Status) -> Outcome {
+    Outcome {
+        command: MsgId([0; 16]),
+        status,
+        exit_code: None,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        truncated: false,
+        started_at: 0,
+        duration_ms: 0,
+    }
+}
+
+pub(crate) fn ok(stdout: Vec<u8>, truncated: bool) -> Outcome {
+    Outcome {
+        stdout,
+        truncated,
+        ..blank(Status::Succeeded)
+    }
+}
+
+pub(crate) fn failed(reason: String) -> Outcome {
+    blank(Status::Failed(reason))
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! What the per-method tests share.
+    use super::*;
+    use outpost_wire::{Exec, FileRead, FileWrite};
+
+    pub const L: Limits = Limits {
+        output_cap: 16,
+        timeout: Duration::from_secs(5),
+    };
+
+    pub fn exec_of(argv: &[&str]) -> Method {
+        Method::Exec(Exec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+            cwd: None,
+        })
+    }
+
+    pub fn read_of(path: &str, max_bytes: u32) -> Method {
+        Method::FileRead(FileRead {
+            path: path.into(),
+            max_bytes,
+        })
+    }
+
+    pub fn write_of(path: &str, mode: u32, data: &[u8]) -> Method {
+        Method::FileWrite(FileWrite {
+            path: path.into(),
+            mode,
+            data: data.to_vec(),
+        })
+    }
+
+    /// Run with an allow-everything policy and these limits.
+    pub async fn run_with(method: &Method, limits: Limits) -> Outcome {
+        let policy = Policy::allow_all();
+        let ctx = Ctx {
+            limits,
+            policy: &policy,
+        };
+        run(MsgId([1; 16]), method, &ctx).await
+    }
+}
