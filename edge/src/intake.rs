@@ -153,7 +153,8 @@ mod tests {
             code(decide(&good, "pi", &pk, &all, none, 101)),
             Some(RejectCode::Expired)
         );
-        let ping_only = Policy::new(Default::default()).unwrap();
+        let ping_only =
+            Policy::new(Default::default(), crate::protected::Protected::none()).unwrap();
         assert_eq!(
             code(decide(&good, "pi", &pk, &ping_only, none, 50)),
             Some(RejectCode::NotAllowed)

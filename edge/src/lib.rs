@@ -30,6 +30,7 @@ pub mod intake;
 pub mod inventory;
 pub mod methods;
 pub mod policy;
+pub mod protected;
 pub mod state;
 
 #[cfg(test)]

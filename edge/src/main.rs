@@ -62,6 +62,7 @@ fn build(a: RunArgs) -> Result<Config, config::ConfigError> {
     };
     Config::build(
         Overrides {
+            config_file: a.config,
             node: a.node,
             nats_url: a.nats_url,
             ca_file: a.ca_file,

@@ -6,6 +6,7 @@
 //! an `[allow]` table (the Ansible role does).
 
 use crate::methods;
+use crate::protected::Protected;
 use outpost_wire::{Method, RejectCode, Rejection};
 use serde::Deserialize;
 use std::path::{Component, Path, PathBuf};
@@ -65,10 +66,14 @@ pub struct Policy {
     pub(crate) exec: Vec<Vec<String>>,
     pub(crate) read: Vec<PathBuf>,
     pub(crate) write: Vec<PathBuf>,
+    /// The agent's own files: refused to every method whatever the prefixes say.
+    pub(crate) protected: Protected,
 }
 
 impl Policy {
-    pub fn new(c: AllowConfig) -> Result<Policy, PolicyError> {
+    /// Check `c`; `protected` are the agent's own paths (config, identity, CA, state),
+    /// refused to every method whatever `c` says.
+    pub fn new(c: AllowConfig, protected: Protected) -> Result<Policy, PolicyError> {
         for m in &c.methods {
             if !BUILTIN_METHODS.contains(&m.as_str()) {
                 return Err(PolicyError::UnknownMethod(
@@ -105,6 +110,7 @@ impl Policy {
             exec,
             read: paths("read", &c.read)?,
             write: paths("write", &c.write)?,
+            protected,
         })
     }
 
@@ -115,6 +121,7 @@ impl Policy {
             exec: vec![vec!["...".into()]],
             read: vec![PathBuf::from("/")],
             write: vec![PathBuf::from("/")],
+            protected: Protected::none(),
         }
     }
 
@@ -172,6 +179,44 @@ pub(crate) fn check_prefixes(
     }
 }
 
+/// `path` with its directory resolved (symlinks, `//`), where that directory exists:
+/// what a method that does not follow the last component reaches.
+pub(crate) fn resolve_parent(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?;
+    let dir = path.parent()?.canonicalize().ok()?;
+    Some(dir.join(name))
+}
+
+impl Policy {
+    /// Refuse `path` if it is one of the agent's own (see [`Protected`]) as written or
+    /// resolved; `above`: also if it leads to one (a method that replaces what it names).
+    pub(crate) fn refuse_protected(&self, path: &str, above: bool) -> Result<(), Rejection> {
+        let p = Path::new(path);
+        let forms = [
+            Some(p.to_path_buf()),
+            resolve_parent(p),
+            p.canonicalize().ok(),
+        ];
+        let hit = forms.iter().flatten().find_map(|f| {
+            if above {
+                self.protected.covering_or_above(f)
+            } else {
+                self.protected.covering(f)
+            }
+        });
+        match hit {
+            None => Ok(()),
+            Some(mut h) => {
+                h.asked = p.to_path_buf();
+                Err(Rejection {
+                    code: RejectCode::NotAllowed,
+                    detail: h.to_string(),
+                })
+            }
+        }
+    }
+}
+
 /// Glob match of one argv element: `*` any run of characters, `?` one character.
 fn glob(pattern: &str, text: &str) -> bool {
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
@@ -218,12 +263,12 @@ mod tests {
     }
 
     fn policy(toml_text: &str) -> Policy {
-        Policy::new(toml::from_str(toml_text).unwrap()).unwrap()
+        Policy::new(toml::from_str(toml_text).unwrap(), Protected::none()).unwrap()
     }
 
     #[test]
     fn default_allows_only_ping() {
-        let p = Policy::new(AllowConfig::default()).unwrap();
+        let p = Policy::new(AllowConfig::default(), Protected::none()).unwrap();
         assert!(p.check(&Method::Ping).is_ok());
         let e = p.check(&exec(&["true"])).unwrap_err();
         assert!(e.detail.contains("[allow] methods"), "{e}");
@@ -281,9 +326,17 @@ mod tests {
 
     #[test]
     fn bad_policies_are_named() {
-        let e = Policy::new(toml::from_str(r#"methods = ["reboot"]"#).unwrap()).unwrap_err();
+        let e = Policy::new(
+            toml::from_str(r#"methods = ["reboot"]"#).unwrap(),
+            Protected::none(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("reboot"));
-        let e = Policy::new(toml::from_str(r#"read = ["etc/"]"#).unwrap()).unwrap_err();
+        let e = Policy::new(
+            toml::from_str(r#"read = ["etc/"]"#).unwrap(),
+            Protected::none(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("absolute"));
     }
 }

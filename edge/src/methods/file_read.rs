@@ -11,7 +11,10 @@ pub fn check_args(r: &FileRead) -> Result<(), String> {
 
 /// Whether `[allow] read` covers this path.
 pub(crate) fn allowed(p: &Policy, r: &FileRead) -> Result<(), Rejection> {
-    policy::check_prefixes("read", &p.read, &r.path)
+    policy::check_prefixes("read", &p.read, &r.path)?;
+    // Resolved all the way: a symlink to the nkey is refused here already (the read
+    // itself never follows one).
+    p.refuse_protected(&r.path, false)
 }
 
 pub async fn run(r: &FileRead, ctx: &Ctx<'_>) -> Outcome {
@@ -53,6 +56,24 @@ mod tests {
         assert_eq!((o.stdout.as_slice(), o.truncated), (&b"hel"[..], true));
         let o = run_with(&read_of("/nonexistent/x", 0), L).await;
         assert!(matches!(o.status, Status::Failed(_)));
+    }
+
+    #[test]
+    fn the_agents_own_files_are_refused() {
+        let a = AgentFiles::new();
+        let p = a.policy("");
+        assert!(p.check(&read_of(&a.path("data/ok.txt"), 0)).is_ok());
+        // A symlinked file that leads to the nkey.
+        std::os::unix::fs::symlink(a.root.join("etc/outpost/node.nk"), a.root.join("data/nk"))
+            .unwrap();
+        for name in a.protected_names().into_iter().chain([a.path("data/nk")]) {
+            let e = p.check(&read_of(&name, 0)).unwrap_err();
+            assert_eq!(e.code, outpost_wire::RejectCode::NotAllowed, "{name}");
+            assert!(
+                e.detail.contains("never readable or writable remotely"),
+                "{name}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@ pub fn check_args(w: &FileWrite) -> Result<(), String> {
 
 /// Whether `[allow] write` covers this path.
 pub(crate) fn allowed(p: &Policy, w: &FileWrite) -> Result<(), Rejection> {
-    policy::check_prefixes("write", &p.write, &w.path)
+    policy::check_prefixes("write", &p.write, &w.path)?;
+    p.refuse_protected(&w.path, true)
 }
 
 pub async fn run(w: &FileWrite, id: MsgId) -> Outcome {
@@ -43,6 +44,25 @@ pub async fn run(w: &FileWrite, id: MsgId) -> Outcome {
 mod tests {
     use crate::methods::test_support::*;
     use outpost_wire::Status;
+
+    #[test]
+    fn the_agents_own_files_are_refused() {
+        let a = AgentFiles::new();
+        let p = a.policy("");
+        assert!(
+            p.check(&write_of(&a.path("data/new.txt"), 0o644, b"x"))
+                .is_ok()
+        );
+        // The way to the config dir: were `etc` a symlink, replacing it moves the config.
+        for name in a.protected_names().into_iter().chain([a.path("etc")]) {
+            let e = p.check(&write_of(&name, 0o644, b"x")).unwrap_err();
+            assert_eq!(e.code, outpost_wire::RejectCode::NotAllowed, "{name}");
+            assert!(
+                e.detail.contains("never readable or writable remotely"),
+                "{name}: {e}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn writes_with_the_mode() {

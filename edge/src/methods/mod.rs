@@ -127,6 +127,74 @@ pub(crate) mod test_support {
         })
     }
 
+    /// A unit's own files (config, identity, CA, state) in a temp dir, everything under
+    /// one root that `[allow]` opens entirely.
+    pub struct AgentFiles {
+        _dir: tempfile::TempDir,
+        pub root: std::path::PathBuf,
+    }
+
+    impl AgentFiles {
+        pub fn new() -> AgentFiles {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().canonicalize().unwrap();
+            let etc = root.join("etc/outpost");
+            std::fs::create_dir_all(&etc).unwrap();
+            for f in ["edge.toml", "node.nk", "ca.pem"] {
+                std::fs::write(etc.join(f), f).unwrap();
+            }
+            std::fs::create_dir_all(root.join("state")).unwrap();
+            std::fs::write(root.join("state/log"), "log").unwrap();
+            std::fs::create_dir_all(root.join("data")).unwrap();
+            std::fs::write(root.join("data/ok.txt"), "ok").unwrap();
+            std::os::unix::fs::symlink(&etc, root.join("link")).unwrap();
+            AgentFiles { _dir: dir, root }
+        }
+
+        pub fn path(&self, rel: &str) -> String {
+            self.root.join(rel).display().to_string()
+        }
+
+        pub fn protected(&self) -> crate::protected::Protected {
+            crate::protected::Protected::none()
+                .with_config(&self.root.join("etc/outpost/edge.toml"))
+                .with(
+                    "identity (nkey file)",
+                    &self.root.join("etc/outpost/node.nk"),
+                )
+                .with("CA certificate", &self.root.join("etc/outpost/ca.pem"))
+                .with("state directory", &self.root.join("state"))
+        }
+
+        /// Everything allowed under the root (and `extra` TOML), the agent's files protected.
+        pub fn policy(&self, extra: &str) -> Policy {
+            let r = self.root.display();
+            let text = format!(
+                "methods = [\"ping\", \"exec\", \"file.read\", \"file.write\"]\n\
+                 exec = [\"...\"]\nread = [\"{r}\"]\nwrite = [\"{r}\"]\n{extra}"
+            );
+            Policy::new(toml::from_str(&text).unwrap(), self.protected()).unwrap()
+        }
+
+        /// The agent's own files and dirs by several names each: as they are, through
+        /// a symlinked directory, with `//` and `.` in them.
+        pub fn protected_names(&self) -> Vec<String> {
+            let r = self.root.display();
+            vec![
+                self.path("etc/outpost/node.nk"),
+                self.path("etc/outpost/edge.toml"),
+                self.path("etc/outpost/ca.pem"),
+                self.path("etc/outpost/new-file"),
+                self.path("state/log"),
+                self.path("link/node.nk"),
+                self.path("link/edge.toml"),
+                format!("{r}//etc/outpost/node.nk"),
+                format!("{r}/etc//outpost/./edge.toml"),
+                format!("{r}/state/"),
+            ]
+        }
+    }
+
     /// Run with an allow-everything policy and these limits.
     pub async fn run_with(method: &Method, limits: Limits) -> Outcome {
         let policy = Policy::allow_all();
