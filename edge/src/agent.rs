@@ -13,6 +13,7 @@
 use crate::config::Config;
 use crate::intake::{self, Decision};
 use crate::inventory;
+use crate::methods::groups::Groups;
 use crate::methods::{self, Ctx, Limits};
 use crate::state::{StateDir, Ticket};
 use async_nats::{Client, ConnectOptions, Event};
@@ -48,6 +49,8 @@ struct Agent {
     outbox_kick: Notify,
     hello_kick: Notify,
     started_at: u64,
+    /// The process groups of running `exec` commands, killed at shutdown.
+    groups: Groups,
 }
 
 /// Reconnect delay: exponential from 100 ms to 30 s, with up to 1 s of jitter so a
@@ -156,6 +159,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         outbox_kick: Notify::new(),
         hello_kick: Notify::new(),
         started_at: now_ms(),
+        groups: Groups::default(),
         cfg,
     });
     // Forward connection events into the agent's own notifiers.
@@ -207,6 +211,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .is_err()
     {
         warn!("commands still running at shutdown: they will be reported interrupted");
+    }
+    // Nothing a command started outlives the agent: not the commands still running
+    // after the grace, nor what they started in their process groups.
+    let killed = agent.groups.kill_all();
+    if killed > 0 {
+        warn!(
+            groups = killed,
+            "killed the process groups of commands still running"
+        );
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), agent.client.flush()).await;
     Ok(())
@@ -309,6 +322,8 @@ async fn dispatch(agent: Arc<Agent>, mut rx: mpsc::Receiver<Ticket>, slots: Arc<
                     timeout: Duration::from_millis(timeout as u64),
                 },
                 policy: &agent.cfg.policy,
+                groups: &agent.groups,
+                domain: &cmd.domain,
             };
             let outcome = methods::run(cmd.id, &cmd.method, &ctx).await;
             info!(command = %cmd.id, status = outcome.status.word(), exit = ?outcome.exit_code,

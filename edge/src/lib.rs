@@ -25,6 +25,7 @@ pub fn arch() -> &'static str {
 }
 
 pub mod agent;
+pub mod child_env;
 pub mod config;
 pub mod intake;
 pub mod inventory;

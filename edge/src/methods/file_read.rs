@@ -1,7 +1,7 @@
 //! `file.read`: the contents of one file, up to `max_bytes` and the output cap.
 
 use super::{Ctx, check_path, failed, ok};
-use crate::policy::{self, Policy};
+use crate::policy::{self, Last, Policy};
 use outpost_wire::{FileRead, Outcome, Rejection};
 use tokio::io::AsyncReadExt;
 
@@ -11,7 +11,7 @@ pub fn check_args(r: &FileRead) -> Result<(), String> {
 
 /// Whether `[allow] read` covers this path.
 pub(crate) fn allowed(p: &Policy, r: &FileRead) -> Result<(), Rejection> {
-    policy::check_prefixes("read", &p.read, &r.path)?;
+    policy::check_prefixes("read", &p.read, &r.path, Last::NotFollowed)?;
     // Resolved all the way: a symlink to the nkey is refused here already (the read
     // itself never follows one).
     p.refuse_protected(&r.path, false)

@@ -1,7 +1,7 @@
 //! `file.write`: replace one file atomically (temp file, fsync, rename, fsync the dir).
 
 use super::{check_path, failed, ok};
-use crate::policy::{self, Policy};
+use crate::policy::{self, Last, Policy};
 use outpost_wire::{FileWrite, MsgId, Outcome, Rejection};
 use std::path::Path;
 
@@ -11,7 +11,7 @@ pub fn check_args(w: &FileWrite) -> Result<(), String> {
 
 /// Whether `[allow] write` covers this path.
 pub(crate) fn allowed(p: &Policy, w: &FileWrite) -> Result<(), Rejection> {
-    policy::check_prefixes("write", &p.write, &w.path)?;
+    policy::check_prefixes("write", &p.write, &w.path, Last::NotFollowed)?;
     p.refuse_protected(&w.path, true)
 }
 

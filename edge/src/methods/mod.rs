@@ -3,8 +3,10 @@
 //! command into an [`Outcome`]; none panics and none returns without one.
 
 pub mod exec;
+mod fd;
 pub mod file_read;
 pub mod file_write;
+pub mod groups;
 pub mod ping;
 
 use crate::policy::Policy;
@@ -25,6 +27,10 @@ pub struct Limits {
 pub struct Ctx<'a> {
     pub limits: Limits,
     pub policy: &'a Policy,
+    /// Where `exec` registers its process groups, for the agent to kill at shutdown.
+    pub groups: &'a groups::Groups,
+    /// The command's domain, for the child's `OUTPOST_DOMAIN`.
+    pub domain: &'a str,
 }
 
 /// Arguments that can be refused before anything runs (the ACK then says `BadArgs`).
@@ -43,7 +49,7 @@ pub async fn run(id: MsgId, method: &Method, ctx: &Ctx<'_>) -> Outcome {
     let t0 = Instant::now();
     let mut out = match method {
         Method::Ping => ping::run(),
-        Method::Exec(e) => exec::run(e, ctx).await,
+        Method::Exec(e) => exec::run(id, e, ctx).await,
         Method::FileWrite(w) => file_write::run(w, id).await,
         Method::FileRead(r) => file_read::run(r, ctx).await,
     };
@@ -198,9 +204,12 @@ pub(crate) mod test_support {
     /// Run with an allow-everything policy and these limits.
     pub async fn run_with(method: &Method, limits: Limits) -> Outcome {
         let policy = Policy::allow_all();
+        let groups = groups::Groups::default();
         let ctx = Ctx {
             limits,
             policy: &policy,
+            groups: &groups,
+            domain: "test",
         };
         run(MsgId([1; 16]), method, &ctx).await
     }
