@@ -18,7 +18,7 @@
 //!   group is gone; never forever. Such a child itself escapes the kill; systemd's
 //!   `KillMode=control-group` ends it when the agent stops.
 
-use super::{Ctx, blank, fd};
+use super::{Ctx, blank, fd, rejected};
 use crate::child_env::{self, SEARCH_PATH};
 use crate::policy::{self, Last, Policy, not_allowed};
 use outpost_wire::{Exec, MsgId, Outcome, RejectCode, Rejection, Status};
@@ -131,10 +131,6 @@ fn open_cwd(p: &Policy, cwd: &str) -> Result<File, Outcome> {
     p.check_opened("cwd", &p.cwd, cwd, &real, &meta, false)
         .map_err(rejected)?;
     Ok(dir)
-}
-
-fn rejected(r: Rejection) -> Outcome {
-    blank(Status::Rejected(r))
 }
 
 /// One output stream: the first `cap` bytes, and whether there were more. Reading on

@@ -50,7 +50,7 @@ pub async fn run(id: MsgId, method: &Method, ctx: &Ctx<'_>) -> Outcome {
     let mut out = match method {
         Method::Ping => ping::run(),
         Method::Exec(e) => exec::run(id, e, ctx).await,
-        Method::FileWrite(w) => file_write::run(w, id).await,
+        Method::FileWrite(w) => file_write::run(w, id, ctx).await,
         Method::FileRead(r) => file_read::run(r, ctx).await,
     };
     out.command = id;
@@ -97,6 +97,12 @@ pub(crate) fn ok(stdout: Vec<u8>, truncated: bool) -> Outcome {
 
 pub(crate) fn failed(reason: String) -> Outcome {
     blank(Status::Failed(reason))
+}
+
+/// Refused at run time: the allow-list no longer lets it run (the file system changed
+/// since intake); nothing ran.
+pub(crate) fn rejected(r: outpost_wire::Rejection) -> Outcome {
+    blank(Status::Rejected(r))
 }
 
 #[cfg(test)]
@@ -203,11 +209,15 @@ pub(crate) mod test_support {
 
     /// Run with an allow-everything policy and these limits.
     pub async fn run_with(method: &Method, limits: Limits) -> Outcome {
-        let policy = Policy::allow_all();
+        run_policy(&Policy::allow_all(), method, limits).await
+    }
+
+    /// Run under `policy`, as command `[1; 16]`.
+    pub async fn run_policy(policy: &Policy, method: &Method, limits: Limits) -> Outcome {
         let groups = groups::Groups::default();
         let ctx = Ctx {
             limits,
-            policy: &policy,
+            policy,
             groups: &groups,
             domain: "test",
         };
