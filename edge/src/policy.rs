@@ -305,6 +305,14 @@ impl Policy {
 
     /// Whether a command may set the environment variable `name` to `value`.
     pub(crate) fn check_env(&self, name: &str, value: &str) -> Result<(), Rejection> {
+        // Intake refuses these as bad arguments already; checked again so that no
+        // path around `check_args` can pass `A=B` as a name.
+        if !child_env::valid_name(name) {
+            return Err(Rejection {
+                code: RejectCode::BadArgs,
+                detail: format!("env name {name:?} is not a variable name"),
+            });
+        }
         if let Some(r) = child_env::refused(name) {
             return Err(not_allowed(format!(
                 "env {name} is never passed to a program (it matches {r}, which changes what code runs or what it trusts); no [allow] env can allow it"

@@ -8,6 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use outpost_edge::intake::{Decision, decide};
 use outpost_edge::policy::{AllowConfig, Policy};
+use outpost_edge::protected::Protected;
 use outpost_wire::sign::SigningKey;
 use outpost_wire::{AckKind, Command, MsgId, Recorded, decode};
 use std::sync::OnceLock;
@@ -24,12 +25,16 @@ fn key() -> &'static SigningKey {
 fn policy() -> &'static Policy {
     static P: OnceLock<Policy> = OnceLock::new();
     P.get_or_init(|| {
-        Policy::new(AllowConfig {
-            methods: vec!["ping".into(), "exec".into(), "file.read".into()],
-            exec: vec!["systemctl restart *".into(), "uname ...".into()],
-            read: vec!["/var/log/".into()],
-            write: vec![],
-        })
+        Policy::new(
+            AllowConfig {
+                methods: vec!["ping".into(), "exec".into(), "file.read".into()],
+                exec: vec!["systemctl restart *".into(), "uname ...".into()],
+                read: vec!["/var/log/".into()],
+                env: vec!["TZ".into()],
+                ..AllowConfig::default()
+            },
+            Protected::none().with_config(std::path::Path::new("/etc/outpost/edge.toml")),
+        )
         .expect("policy")
     })
 }
