@@ -641,10 +641,16 @@ mod tests {
         );
         // The agent's own dirs, whatever the prefixes say.
         let wide = a.policy(&format!("cwd = [{:?}]\n", a.root.display().to_string()));
-        for dir in ["etc/outpost", "link", "state"] {
+        let r = a.root.display();
+        for dir in [
+            a.path("etc/outpost"),
+            a.path("link"),
+            a.path("state"),
+            format!("{r}//etc/./outpost/"),
+        ] {
             refused(
                 &wide,
-                &pwd(&a.path(dir)),
+                &pwd(&dir),
                 RejectCode::NotAllowed,
                 "never readable or writable remotely",
             );
