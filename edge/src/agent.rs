@@ -20,7 +20,8 @@ use crate::clock::{FlooredTime, HubClock, Source};
 use crate::config::Config;
 use crate::intake::{self, Accepted, Context, Decision};
 use crate::inventory;
-use crate::methods::{self, Limits};
+use crate::methods::groups::Groups;
+use crate::methods::{self, Ctx, Limits};
 use crate::state::{StateDir, Ticket};
 use crate::trust::Trust;
 use async_nats::{Client, ConnectOptions, Event, RequestErrorKind};
@@ -79,6 +80,8 @@ struct Agent {
     outbox_kick: Notify,
     hello_kick: Notify,
     started_at: u64,
+    /// The process groups of running `exec` commands, killed at shutdown.
+    groups: Groups,
 }
 
 /// Reconnect delay: exponential from 100 ms to 30 s, with up to 1 s of jitter so a
@@ -229,6 +232,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         outbox_kick: Notify::new(),
         hello_kick: Notify::new(),
         started_at: now_ms(),
+        groups: Groups::default(),
         cfg,
     });
     // A (re)connection: hello at once (the hub delivers on it), outbox at once.
@@ -273,6 +277,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .is_err()
     {
         warn!("commands still running at shutdown: they will be reported interrupted");
+    }
+    // Nothing a command started outlives the agent: not the commands still running
+    // after the grace, nor what they started in their process groups.
+    let killed = agent.groups.kill_all();
+    if killed > 0 {
+        warn!(
+            groups = killed,
+            "killed the process groups of commands still running"
+        );
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), agent.client.flush()).await;
     Ok(())
@@ -490,11 +503,16 @@ async fn execute(agent: Arc<Agent>, ticket: Ticket, permit: OwnedSemaphorePermit
                 0 => agent.cfg.default_timeout_ms,
                 t => t,
             };
-            let limits = Limits {
-                output_cap: agent.cfg.output_cap,
-                timeout: Duration::from_millis(timeout as u64),
+            let ctx = Ctx {
+                limits: Limits {
+                    output_cap: agent.cfg.output_cap,
+                    timeout: Duration::from_millis(timeout as u64),
+                },
+                policy: &agent.cfg.policy,
+                groups: &agent.groups,
+                domain: &cmd.domain,
             };
-            methods::run(cmd.id, method, limits).await
+            methods::run(cmd.id, method, &ctx).await
         }
     };
     let outcome = Outcome {
@@ -529,32 +547,16 @@ async fn hub_keys_now(agent: &Arc<Agent>, acc: &Accepted, keys: &outpost_wire::H
     let Ok(ticket) = accepted else {
         return busy;
     };
-    let r = agent
-        .trust
-        .lock()
-        .expect("trust lock")
-        .set(keys, &acc.signer);
-    let status = match r {
-        Ok(()) => {
-            info!(keys = keys.keys.len(), "hub keys replaced");
-            agent.hello_kick.notify_one();
-            Status::Succeeded
-        }
-        Err(e) => {
-            warn!(error = %e, "hub.keys refused");
-            Status::Failed(e.to_string())
-        }
-    };
-    let outcome = Outcome {
-        command: id,
-        status,
-        exit_code: None,
-        stdout: vec![],
-        stderr: vec![],
-        truncated: false,
-        started_at: now_ms(),
-        duration_ms: 0,
-    };
+    let mut outcome = methods::hub_keys::run(
+        &mut agent.trust.lock().expect("trust lock"),
+        keys,
+        &acc.signer,
+    );
+    if outcome.status == Status::Succeeded {
+        agent.hello_kick.notify_one();
+    }
+    outcome.command = id;
+    outcome.started_at = now_ms();
     retry_state(agent, id, |s| s.finish(&ticket, &outcome)).await;
     agent.outbox_kick.notify_one();
     Ack {

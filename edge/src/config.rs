@@ -2,6 +2,7 @@
 //! validated into a [`Config`] before anything connects.
 
 use crate::policy::{AllowConfig, Policy, PolicyError};
+use crate::protected::Protected;
 use outpost_wire::names;
 use outpost_wire::sign::PublicKey;
 use serde::Deserialize;
@@ -115,6 +116,8 @@ pub enum ConfigError {
 /// Values from flags/environment; `None` where not given.
 #[derive(Debug, Default)]
 pub struct Overrides {
+    /// The `--config` file, if any: it and its directory are protected from every method.
+    pub config_file: Option<PathBuf>,
     pub node: Option<String>,
     pub nats_url: Option<String>,
     pub ca_file: Option<PathBuf>,
@@ -125,7 +128,6 @@ pub struct Overrides {
     pub labels: Vec<String>,
     pub hello_interval_s: Option<u32>,
     pub tls_first: Option<bool>,
-    pub config_file: Option<PathBuf>,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -145,6 +147,25 @@ fn range(what: &'static str, v: u32, lo: u32, hi: u32) -> Result<u32, ConfigErro
     } else {
         Err(ConfigError::Range(what, lo, hi))
     }
+}
+
+/// The agent's own paths, which no command may read, write or run in.
+fn protected(
+    config_file: Option<&Path>,
+    nkey_file: Option<&Path>,
+    ca_file: &Path,
+    state_dir: &Path,
+) -> Protected {
+    let mut p = Protected::none()
+        .with("CA certificate", ca_file)
+        .with("state directory", state_dir);
+    if let Some(c) = config_file {
+        p = p.with_config(c);
+    }
+    if let Some(n) = nkey_file {
+        p = p.with("identity (nkey file)", n);
+    }
+    p
 }
 
 impl Config {
@@ -218,13 +239,21 @@ impl Config {
             labels.retain(|(key, _): &(String, String)| key != k);
             labels.push((k.to_string(), v.to_string()));
         }
-        let policy = Policy::new(f.allow)?;
         let nkey_file = o.nkey_file.or(f.nkey_file);
         if let Some(n) = &nkey_file
             && !n.is_file()
         {
             return Err(ConfigError::NoNkey(n.clone()));
         }
+        let policy = Policy::new(
+            f.allow,
+            protected(
+                o.config_file.as_deref(),
+                nkey_file.as_deref(),
+                &ca_file,
+                &state_dir,
+            ),
+        )?;
         let hello = o
             .hello_interval_s
             .or(f.hello_interval_s)
@@ -314,5 +343,52 @@ mod tests {
 
         let bad: Result<FileConfig, _> = toml::from_str("nodee = \"x\"");
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn the_agents_own_files_are_protected_whatever_allow_says() {
+        use outpost_wire::{FileRead, FileWrite, Method};
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        let keys = dir.path().join("keys");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&keys).unwrap();
+        let (ca, nk) = (keys.join("ca.pem"), keys.join("node.nk"));
+        std::fs::write(&ca, "x").unwrap();
+        std::fs::write(&nk, "x").unwrap();
+        let mut o = base(&ca);
+        o.config_file = Some(etc.join("edge.toml"));
+        o.nkey_file = Some(nk.clone());
+        o.state_dir = Some(dir.path().join("state"));
+        let file: FileConfig = toml::from_str(
+            "[allow]\nmethods = [\"file.read\", \"file.write\"]\nread = [\"/\"]\nwrite = [\"/\"]\n",
+        )
+        .unwrap();
+        let c = Config::build(o, file).unwrap();
+        let read = |p: &Path| {
+            c.policy.check(&Method::FileRead(FileRead {
+                path: p.display().to_string(),
+                max_bytes: 0,
+            }))
+        };
+        let write = |p: &Path| {
+            c.policy.check(&Method::FileWrite(FileWrite {
+                path: p.display().to_string(),
+                mode: 0o600,
+                data: vec![],
+            }))
+        };
+        for p in [
+            etc.join("edge.toml"),
+            etc.join("other"),
+            nk.clone(),
+            ca.clone(),
+            dir.path().join("state/log"),
+        ] {
+            assert!(read(&p).is_err(), "read {}", p.display());
+            assert!(write(&p).is_err(), "write {}", p.display());
+        }
+        assert!(read(&keys.join("other")).is_ok());
+        assert!(write(&keys.join("other")).is_ok());
     }
 }

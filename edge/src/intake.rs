@@ -225,7 +225,8 @@ mod tests {
             code(decide(&good, &cx("other", &pk, &all, &clock), none)),
             Some(RejectCode::WrongNode)
         );
-        let ping_only = Policy::new(Default::default()).unwrap();
+        let ping_only =
+            Policy::new(Default::default(), crate::protected::Protected::none()).unwrap();
         assert_eq!(
             code(decide(&good, &cx("pi", &pk, &ping_only, &clock), none)),
             Some(RejectCode::NotAllowed)

@@ -25,12 +25,14 @@ pub fn arch() -> &'static str {
 }
 
 pub mod agent;
+pub mod child_env;
 pub mod clock;
 pub mod config;
 pub mod intake;
 pub mod inventory;
 pub mod methods;
 pub mod policy;
+pub mod protected;
 pub mod state;
 pub mod trust;
 

@@ -65,6 +65,7 @@ fn build(a: RunArgs) -> Result<Config, config::ConfigError> {
     };
     Config::build(
         Overrides {
+            config_file: a.config,
             node: a.node,
             nats_url: a.nats_url,
             ca_file: a.ca_file,
@@ -75,7 +76,6 @@ fn build(a: RunArgs) -> Result<Config, config::ConfigError> {
             labels: a.labels,
             hello_interval_s: a.hello_interval,
             tls_first: a.tls_first,
-            config_file: a.config.clone(),
         },
         file,
     )

@@ -122,9 +122,10 @@ async fn failing_and_timed_out_commands() {
         assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
         assert!(stderr(&o).contains("timed-out"), "{}", stderr(&o));
 
+        // A program that is nowhere is refused before anything runs (issue 13).
         let o = f.cli(&["send", "--to", "pi-1", "--", "/nonexistent/program"]);
-        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-        assert!(stderr(&o).contains("cannot start"), "{}", stderr(&o));
+        assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+        assert!(stderr(&o).contains("not found"), "{}", stderr(&o));
         Ok(())
     });
 }

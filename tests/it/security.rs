@@ -364,3 +364,56 @@ async fn without_credentials_nobody_connects() {
         Ok(())
     });
 }
+
+/// Issue 13: even with `[allow]` wide open (read and write `/`, exec anything), the
+/// agent refuses its own identity and config to every method, and a command cannot
+/// bring its own environment: what the unit runs stays what its config says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_identity_and_config_are_never_reachable() {
+    scenario!(f, {
+        f.start_agent("unit-a", &AgentOpts::default()).await?;
+        let nkey = f.bundle("unit-a").join("node.nk");
+        let config = f.dir.path().join("config").join("unit-a.toml");
+        let mut refused = vec![];
+        for path in [&nkey, &config] {
+            let read = Method::FileRead(outpost_wire::FileRead {
+                path: path.display().to_string(),
+                max_bytes: 0,
+            });
+            refused.push((format!("read {}", path.display()), read));
+        }
+        refused.push((
+            "write into the config dir".into(),
+            Method::FileWrite(outpost_wire::FileWrite {
+                path: config.display().to_string(),
+                mode: 0o600,
+                data: b"[allow]\nmethods = []\n".to_vec(),
+            }),
+        ));
+        refused.push((
+            "exec with LD_PRELOAD".into(),
+            Method::Exec(Exec {
+                argv: vec!["true".into()],
+                env: vec![("LD_PRELOAD".into(), "/tmp/x.so".into())],
+                cwd: None,
+            }),
+        ));
+        for (what, m) in refused {
+            let id = f.send("unit-a", m, T, 0).await?;
+            let r = f.wait_final(id, T).await?;
+            assert_eq!(r.state, CmdState::Rejected, "{what}: {r:?}");
+            assert!(r.note.contains("NotAllowed"), "{what}: {}", r.note);
+        }
+        assert!(std::fs::read_to_string(&config)?.contains("file.write"));
+        // The environment a child sees is the fixed one.
+        let id = f.exec("unit-a", &["env"]).await?;
+        let r = f.wait_final(id, T).await?;
+        let out = String::from_utf8_lossy(&r.outcome.context("no outcome")?.stdout).into_owned();
+        assert!(out.contains("PATH=/usr/local/sbin:"), "{out}");
+        assert!(
+            !out.contains("RUST_LOG"),
+            "the agent's environment leaked: {out}"
+        );
+        Ok(())
+    });
+}

@@ -64,13 +64,17 @@ pub fn tour(keep: bool) -> Result<()> {
             enroll.args(["--label", l]);
         }
         run(enroll.stdout(std::process::Stdio::null()))?;
+        // The agent refuses every command its own config dir, state dir and keys: the
+        // units read and write only `work/`.
         let allow = format!(
             "[allow]\nmethods = [\"ping\", \"exec\", \"file.read\", \"file.write\"]\n\
              exec = [\"uname ...\", \"uptime\", \"df ...\", \"sh -c *\"]\n\
              read = [\"{d}\"]\nwrite = [\"{d}\"]\n",
-            d = dir.display()
+            d = dir.join("work").display()
         );
-        std::fs::write(dir.join(format!("{node}.toml")), allow)?;
+        std::fs::create_dir_all(dir.join("config"))?;
+        std::fs::create_dir_all(dir.join("work"))?;
+        std::fs::write(dir.join("config").join(format!("{node}.toml")), allow)?;
     }
 
     let mut procs = Procs::default();
@@ -107,7 +111,7 @@ pub fn tour(keep: bool) -> Result<()> {
         };
         cmd.args(["run", "--node", node, "--nats-url", &url, "--hub-key", &key])
             .arg("--config")
-            .arg(dir.join(format!("{node}.toml")))
+            .arg(dir.join("config").join(format!("{node}.toml")))
             .arg("--ca-file")
             .arg(&ca)
             .arg("--nkey-file")
@@ -167,7 +171,7 @@ pub fn tour(keep: bool) -> Result<()> {
     println!("\n== a file written atomically, then read back");
     let motd = dir.join("motd.txt");
     std::fs::write(&motd, "welcome aboard\n")?;
-    let target = dir.join("units/ship-7-motd").display().to_string();
+    let target = dir.join("work/ship-7-motd").display().to_string();
     let mut write = op(&["send", "--to", "ship-7", "--method", "file.write"]);
     write.arg("--data-file").arg(&motd).args(["--", &target]);
     run(&mut write)?;

@@ -1,12 +1,12 @@
 //! `cargo xtask fuzz`: the cargo-fuzz targets in `fuzz/` (wire decoder, command
-//! intake), each replaying its corpus in `fuzz/corpus/<target>` and then fuzzing for a
+//! intake, the allow-list against a reference matcher), each replaying its corpus in `fuzz/corpus/<target>` and then fuzzing for a
 //! fixed time. Needs the nightly toolchain; installs cargo-fuzz when missing.
 
 use crate::{cargo, root, run};
 use anyhow::{Context, Result, bail};
 use std::process::Command;
 
-pub const TARGETS: &[&str] = &["wire_decode", "command_intake"];
+pub const TARGETS: &[&str] = &["wire_decode", "command_intake", "policy_check"];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {

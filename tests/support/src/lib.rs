@@ -437,7 +437,11 @@ impl Fleet {
         if !self.enrolled.contains(node) {
             self.enroll_with_labels(node, &o.labels)?;
         }
-        let cfg = self.dir.path().join(format!("{node}.toml"));
+        // A directory of its own: the agent refuses every command its config's
+        // directory, so it must not be the fleet dir that holds the work dirs.
+        let cfg_dir = self.dir.path().join("config");
+        std::fs::create_dir_all(&cfg_dir)?;
+        let cfg = cfg_dir.join(format!("{node}.toml"));
         std::fs::write(&cfg, &o.config)?;
         let mut cmd = match &o.wrapper {
             Some(w) => {
