@@ -184,7 +184,7 @@ fn mkfs() -> PathBuf {
 }
 
 /// The Debian mirrors apt already uses here (deb822 `URIs:` or one-line sources).
-fn mirrors() -> (String, String) {
+pub fn mirrors() -> (String, String) {
     let mut uris = vec![];
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
@@ -221,7 +221,7 @@ fn mirrors() -> (String, String) {
     )
 }
 
-fn ensure_tools() -> Result<()> {
+pub fn ensure_tools() -> Result<()> {
     let mut apt = vec![];
     for (tool, pkg) in [
         ("mmdebstrap", "mmdebstrap"),
