@@ -49,6 +49,31 @@ const DEFAULT_CACHE: &str = "/var/cache/outpost-fresh-ci";
 const CI_LIMIT_S: u64 = 90 * 60;
 const CI_TARGET_S: u64 = 60 * 60;
 
+/// The machine's TLS and pip settings that CI's environment carries (paths into the
+/// root, whose files [`prepare_root`] copies from the host): the registries are reached
+/// through the machine's own CAs.
+const MACHINE_ENV: [&str; 10] = [
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "CURL_CA_BUNDLE",
+    "REQUESTS_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
+    "PIP_CERT",
+    "PIP_FIND_LINKS",
+    "PIP_DEFAULT_TIMEOUT",
+    "PIP_DISABLE_PIP_VERSION_CHECK",
+];
+
+/// Machine configuration files copied from the host: the CA bundle with the machine's
+/// own CAs, pip's and apt's settings. None is a package, all are the image's.
+const MACHINE_FILES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/usr/local/share/ca-certificates",
+    "/etc/pip.conf",
+    "/etc/apt/apt.conf.d",
+];
+
 /// The host directories mounted into the root (each as an overlay: the host's copy is
 /// never written), as a new machine has them.
 const HOST_TOOLCHAINS: [&str; 3] = ["/root/.rustup", "/root/.cargo/bin", "/root/.pyenv"];
@@ -263,6 +288,28 @@ fn prepare_root(root: &Path, sha: &str) -> Result<()> {
     for e in std::fs::read_dir("/etc/apt/sources.list.d")?.filter_map(|e| e.ok()) {
         std::fs::copy(e.path(), sources.join(e.file_name()))?;
     }
+    for f in MACHINE_FILES {
+        let from = Path::new(f);
+        let to = root.join(f.trim_start_matches('/'));
+        if from.is_dir() {
+            std::fs::create_dir_all(&to)?;
+            for e in std::fs::read_dir(from)?.filter_map(|e| e.ok()) {
+                if e.path().is_file() {
+                    std::fs::copy(e.path(), to.join(e.file_name()))?;
+                }
+            }
+        } else if from.is_file() {
+            std::fs::copy(from, &to).with_context(|| format!("copying {f}"))?;
+        }
+    }
+    // Directories the machine's settings name (PIP_FIND_LINKS=/opt/wheels, empty).
+    for v in MACHINE_ENV {
+        if let Some(p) = std::env::var_os(v).map(PathBuf::from)
+            && p.is_dir()
+        {
+            std::fs::create_dir_all(root.join(p.strip_prefix("/").unwrap_or(&p)))?;
+        }
+    }
     for d in HOST_TOOLCHAINS {
         std::fs::create_dir_all(root.join(d.trim_start_matches('/')))?;
     }
@@ -290,7 +337,7 @@ fn prepare_root(root: &Path, sha: &str) -> Result<()> {
 const RUNNER: &str = r#"
 set -euo pipefail
 exec 2>&1
-R="$1"; O="$2"
+R="$1"; O="$2"; C="$3"; shift 3   # then the machine's KEY=VALUE settings
 mount --make-rprivate /
 mount --rbind /dev "$R/dev"
 mount -t tmpfs -o mode=1777 tmpfs "$R/dev/shm"
@@ -308,7 +355,7 @@ for f in "$R"/root/.cargo/bin/*; do
   [ "$(readlink "$f" || true)" = rustup ] || { echo "fresh-ci: hiding ~/.cargo/bin/$n (not in the image)"; rm -f "$f"; }
 done
 exec chroot "$R" /usr/bin/env -i HOME=/root USER=root LOGNAME=root LANG=C.UTF-8 TERM=dumb \
-  CI=true OUTPOST_CACHE=/var/cache/outpost-ci PYENV_ROOT=/root/.pyenv FRESH_CI_COMMAND="$3" \
+  CI=true OUTPOST_CACHE=/var/cache/outpost-ci PYENV_ROOT=/root/.pyenv FRESH_CI_COMMAND="$C" "$@" \
   PATH=/root/.cargo/bin:/root/.pyenv/shims:/root/.pyenv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   bash -c '
 set -e
@@ -331,6 +378,11 @@ fn run_in_root(root: &Path, overlay: &Path, command: &str, log_path: &Path) -> R
         .arg(root)
         .arg(overlay)
         .arg(command)
+        .args(
+            MACHINE_ENV
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}"))),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     eprintln!(
