@@ -262,11 +262,19 @@ pub fn ensure_binfmt() -> Result<()> {
         ]))
         .context("mounting binfmt_misc (needs root)")?;
     }
+    // Registrations belong to the kernel, not to a mount: one made elsewhere (the host
+    // of a chroot or namespace where binfmt_misc was not mounted yet) shows up now.
+    if dir.join("qemu-aarch64").is_file() {
+        return Ok(());
+    }
     let conf = Path::new("/usr/lib/binfmt.d/qemu-aarch64.conf");
     let rule = std::fs::read_to_string(conf)
         .with_context(|| format!("{} (from qemu-user-static)", conf.display()))?;
-    std::fs::write(dir.join("register"), rule.trim())
-        .context("registering qemu-aarch64 with binfmt_misc (needs root)")?;
+    match std::fs::write(dir.join("register"), rule.trim()) {
+        // Registered meanwhile (another build, or the check above raced): fine.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        r => r.context("registering qemu-aarch64 with binfmt_misc (needs root)")?,
+    }
     eprintln!("pi-image: registered qemu-aarch64 with binfmt_misc");
     Ok(())
 }
