@@ -18,10 +18,11 @@
 //! when `CI` is set and skip with a message otherwise.
 
 use anyhow::{Context, Result, bail, ensure};
+use outpost_tests::pi_vm::{self, PiVm};
 use outpost_tests::{Proc, bin, free_port, which};
 use outpost_wire::api::NodeView;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const TRIPLE: &str = "aarch64-unknown-linux-musl";
@@ -92,7 +93,7 @@ impl Prep {
         if p.upgrade_version.is_empty() {
             return Err("arm-upgrade/version is missing: run `cargo xtask ansible-prep`".into());
         }
-        for tool in ["qemu-system-aarch64", "qemu-img", "ssh", "socat"] {
+        for tool in pi_vm::HOST_TOOLS {
             if which(tool).is_none() {
                 return Err(format!(
                     "{tool} is not on PATH: `cargo xtask ansible-prep` installs it"
@@ -117,99 +118,6 @@ impl Prep {
         path
     }
 }
-
-/// A Pi-like VM: a fresh qcow2 overlay on the base image, SSH on a loopback port.
-struct PiVm {
-    name: String,
-    ssh_port: u16,
-    proc: Proc,
-    launched: Instant,
-}
-
-impl PiVm {
-    fn boot(name: &str, p: &Prep, dir: &Path, net_extra: &str) -> Result<PiVm> {
-        let overlay = dir.join(format!("{name}.qcow2"));
-        let st = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(p.image.join("rootfs.ext4"))
-            .arg(&overlay)
-            .status()?;
-        ensure!(st.success(), "qemu-img create failed");
-        let ssh_port = free_port();
-        let mut cmd = Command::new("qemu-system-aarch64");
-        // `max` with the cheap pointer-auth algorithm: aarch64 like a Pi 3/4/5 to every
-        // program, and about a third faster under TCG than cortex-a53.
-        cmd.args([
-            "-M",
-            "virt",
-            "-cpu",
-            "max,pauth-impdef=on",
-            "-smp",
-            "1",
-            "-m",
-            "768",
-        ])
-        .args(["-nographic", "-no-reboot", "-kernel"])
-        .arg(p.image.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(p.image.join("initrd.img"))
-        .args(["-append", "root=/dev/vda rw console=ttyAMA0 quiet"])
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2", overlay.display()))
-        .arg("-netdev")
-        .arg(format!(
-            "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22{net_extra}"
-        ))
-        // romfile=: no iPXE option ROM (not installed everywhere, never needed).
-        .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
-        let proc = Proc::spawn(name, cmd, dir.join(format!("{name}.console.log")))?;
-        Ok(PiVm {
-            name: name.into(),
-            ssh_port,
-            proc,
-            launched: Instant::now(),
-        })
-    }
-
-    /// Wait for SSH; how long after the launch it came.
-    fn wait_ssh(&mut self, key: &Path, limit: Duration) -> Result<Duration> {
-        let t0 = self.launched;
-        while t0.elapsed() < limit {
-            if let Some(st) = self.proc.try_wait()? {
-                bail!(
-                    "{}: qemu exited ({st}) before SSH came up:\n{}",
-                    self.name,
-                    self.proc.log_text()
-                );
-            }
-            let st = Command::new("ssh")
-                .args(SSH_OPTS)
-                .arg("-i")
-                .arg(key)
-                .args(["-p", &self.ssh_port.to_string(), "pi@127.0.0.1", "true"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()?;
-            if st.success() {
-                return Ok(t0.elapsed());
-            }
-            std::thread::sleep(Duration::from_secs(2));
-        }
-        bail!("{}: no SSH after {limit:?}", self.name)
-    }
-}
-
-const SSH_OPTS: [&str; 8] = [
-    "-q",
-    "-o",
-    "BatchMode=yes",
-    "-o",
-    "ConnectTimeout=5",
-    "-o",
-    "StrictHostKeyChecking=no",
-    "-oUserKnownHostsFile=/dev/null",
-];
 
 /// One `ansible-playbook` run: its output and the PLAY RECAP per host.
 struct Run {
@@ -438,19 +346,21 @@ fn deploy(p: Prep) -> Result<()> {
     let nats_port = free_port();
     let mut hub = PiVm::boot(
         "hub1",
-        &p,
+        &p.image,
         dir.path(),
         &format!(",hostfwd=tcp:127.0.0.1:{nats_port}-:4222"),
     )?;
     let mut pi = PiVm::boot(
         "pi1",
-        &p,
+        &p.image,
         dir.path(),
-        &format!(",guestfwd=tcp:10.0.2.100:4222-cmd:socat STDIO TCP:127.0.0.1:{nats_port}"),
+        &format!(
+            ",guestfwd=tcp:{}:4222-cmd:socat STDIO TCP:127.0.0.1:{nats_port}",
+            pi_vm::HOST_BROKER_ADDR
+        ),
     )?;
-    let key = p.image.join("id_ed25519");
     for vm in [&mut hub, &mut pi] {
-        let took = vm.wait_ssh(&key, Duration::from_secs(300))?;
+        let took = vm.wait_ssh(Duration::from_secs(300))?;
         eprintln!("ansible: {} answers SSH {took:.0?} after launch", vm.name);
     }
     let v1 = binaries(

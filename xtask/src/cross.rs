@@ -413,6 +413,13 @@ pub fn cross(args: Args) -> Result<Vec<Built>> {
     Ok(built)
 }
 
+/// Install what the default build (every target, debian route) needs, without
+/// building: CI does every install before it starts anything in the background.
+pub fn ensure_tools() -> Result<()> {
+    let plan: Vec<(&'static Target, Route)> = TARGETS.iter().map(|t| (t, Route::Debian)).collect();
+    Tools::ensure(&plan).map(|_| ())
+}
+
 /// `CC_aarch64_unknown_linux_musl` and the like: what cc-rs reads for one target.
 fn cc_var(tool: &str, triple: &str) -> String {
     format!("{tool}_{}", triple.replace('-', "_"))

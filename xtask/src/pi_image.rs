@@ -184,7 +184,7 @@ fn mkfs() -> PathBuf {
 }
 
 /// The Debian mirrors apt already uses here (deb822 `URIs:` or one-line sources).
-fn mirrors() -> (String, String) {
+pub fn mirrors() -> (String, String) {
     let mut uris = vec![];
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
@@ -221,7 +221,7 @@ fn mirrors() -> (String, String) {
     )
 }
 
-fn ensure_tools() -> Result<()> {
+pub fn ensure_tools() -> Result<()> {
     let mut apt = vec![];
     for (tool, pkg) in [
         ("mmdebstrap", "mmdebstrap"),
@@ -262,11 +262,19 @@ pub fn ensure_binfmt() -> Result<()> {
         ]))
         .context("mounting binfmt_misc (needs root)")?;
     }
+    // Registrations belong to the kernel, not to a mount: one made elsewhere (the host
+    // of a chroot or namespace where binfmt_misc was not mounted yet) shows up now.
+    if dir.join("qemu-aarch64").is_file() {
+        return Ok(());
+    }
     let conf = Path::new("/usr/lib/binfmt.d/qemu-aarch64.conf");
     let rule = std::fs::read_to_string(conf)
         .with_context(|| format!("{} (from qemu-user-static)", conf.display()))?;
-    std::fs::write(dir.join("register"), rule.trim())
-        .context("registering qemu-aarch64 with binfmt_misc (needs root)")?;
+    match std::fs::write(dir.join("register"), rule.trim()) {
+        // Registered meanwhile (another build, or the check above raced): fine.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        r => r.context("registering qemu-aarch64 with binfmt_misc (needs root)")?,
+    }
     eprintln!("pi-image: registered qemu-aarch64 with binfmt_misc");
     Ok(())
 }

@@ -229,7 +229,7 @@ pub fn qemu_image(args: &Args) -> Result<PathBuf> {
 
 /// qemu-system-aarch64, cpio, socat, mkfs.ext4 and the arm64 package lists, installing what is
 /// missing (as root or in CI; elsewhere it says what to run).
-fn ensure_tools() -> Result<()> {
+pub fn ensure_tools() -> Result<()> {
     let mut apt = vec![];
     for (tool, pkg) in [
         ("qemu-system-aarch64", "qemu-system-arm"),

@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod device;
+pub mod pi_vm;
 pub mod proxy;
 
 /// Poll `check` every 50 ms until it returns `Some`, or fail after `limit`.
