@@ -298,7 +298,12 @@ async fn handle(agent: &Arc<Agent>, payload: &[u8]) -> (Ack, u8) {
     let node = &agent.cfg.node;
     let decision = {
         let keys = agent.trust.lock().expect("trust lock").keys().to_vec();
-        let state = agent.state.lock().expect("state lock");
+        let mut state = agent.state.lock().expect("state lock");
+        if state.full() {
+            // Ids are forgotten as hub time passes, not only when a command finishes:
+            // a unit whose memory filled must not stay Busy for good.
+            state.prune(agent.clock.now());
+        }
         let had_time = agent.clock.source() == Source::Hub;
         let d = intake::decide(
             payload,
@@ -822,7 +827,12 @@ async fn publish_log(
         command,
     };
     if let Err(e) = client
-        .publish(subjects.log(node), Bytes::from(encode(&log)))
+        // `Log` is laid out as in version 1: written so, every hub reads it (a log is
+        // fire-and-forget, sent before the hub's version may be known).
+        .publish(
+            subjects.log(node),
+            Bytes::from(outpost_wire::encode_for(&log, PROTOCOL_MIN)),
+        )
         .await
     {
         debug!(error = %e, "cannot publish log to the hub");

@@ -160,8 +160,15 @@ impl Ledger {
         let mut open = Vec::new();
         for (c, rev, done) in checked {
             match done {
-                Ok(Some(_)) => {
+                Ok(Some(done)) => {
                     settled += 1;
+                    // The dead hub may not have written its last outcome either (it
+                    // comes after the purge): write it now; the newest still wins.
+                    let r = &done.record;
+                    if let Some(last) = last_of(r) {
+                        self.record_last(last_key(&r.node, &r.method, &r.domain), last)
+                            .await;
+                    }
                     if let Err(e) = self.store.purge_open(&c.record.id).await {
                         warn!(command = %c.record.id, error = %e, "cannot purge a finished command from open");
                     }
@@ -361,7 +368,7 @@ impl Ledger {
     }
 
     /// Make a final record durable: history first (only one writer wins the create),
-    /// then out of `open`.
+    /// the last outcome, then out of `open`.
     async fn finish(&self, entry: Entry) -> Result<Applied, StoreError> {
         let id = entry.cmd.record.id;
         let record = entry.cmd.record.clone();
@@ -378,16 +385,18 @@ impl Ledger {
             }
             return Ok(Applied::Ignored(Ignored::Final, state));
         }
+        // The last outcome before the purge: a hub that dies in between finds the
+        // command still open at its next start, and in history, and writes it then.
+        if let Some(last) = last_of(&record) {
+            self.record_last(last_key(&record.node, &record.method, &record.domain), last)
+                .await;
+        }
         self.open.lock().expect("open lock").remove(&id);
         if let Err(e) = self.store.purge_open(&id).await {
             // The next start finds it in history and purges it then.
             warn!(command = %id, error = %e, "cannot purge a finished command from open");
         }
         self.publish(&record).await;
-        if let Some(last) = last_of(&record) {
-            self.record_last(last_key(&record.node, &record.method, &record.domain), last)
-                .await;
-        }
         Ok(Applied::Changed(Box::new(record)))
     }
 

@@ -129,6 +129,9 @@ struct Inner {
     /// taken as enrolled).
     has_list: bool,
     list_mtime: Option<SystemTime>,
+    /// Units found revoked by a reload, until the enrolment watcher takes them (any
+    /// caller may be the one whose reload finds them).
+    revoked: Vec<String>,
 }
 
 impl Inner {
@@ -252,17 +255,17 @@ impl Registry {
         }
     }
 
-    /// Read the enrolment list if it changed since the last read. Returns the units
-    /// that were enrolled and no longer are (revoked), or an error naming the file.
-    pub fn reload(&self) -> Result<Vec<String>, crate::enroll::EnrollError> {
+    /// Read the enrolment list if it changed since the last read (an error names the
+    /// file). Units that were enrolled and no longer are wait in [`Self::take_revoked`].
+    pub fn reload(&self) -> Result<(), crate::enroll::EnrollError> {
         let Some(path) = &self.units_file else {
-            return Ok(vec![]);
+            return Ok(());
         };
         let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         {
             let inner = self.inner.lock().expect("registry lock");
             if inner.has_list && mtime.is_some() && inner.list_mtime == mtime {
-                return Ok(vec![]);
+                return Ok(());
             }
         }
         let list = Units::load_file(path)?;
@@ -283,7 +286,19 @@ impl Registry {
             .retain(|_, u| u.enrolled.is_some() || u.seen.is_some());
         inner.has_list = true;
         inner.list_mtime = mtime;
-        Ok(revoked)
+        inner.revoked.extend(revoked);
+        Ok(())
+    }
+
+    /// The units revoked since the last call (their waiting commands are cancelled).
+    pub fn take_revoked(&self) -> Vec<String> {
+        std::mem::take(&mut self.inner.lock().expect("registry lock").revoked)
+    }
+
+    /// Whether the hub has an enrolment list and `node` is not on it.
+    pub fn is_unlisted(&self, node: &str) -> bool {
+        let inner = self.inner.lock().expect("registry lock");
+        inner.has_list && inner.units.get(node).is_none_or(|u| u.enrolled.is_none())
     }
 
     pub fn units_file(&self) -> Option<&Path> {

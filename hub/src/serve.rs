@@ -115,7 +115,15 @@ pub async fn serve(
     for (node, at, id) in &recovered.open {
         hub.delivery.enqueue(node, *at, *id);
     }
-    let revoked = hub.registry.reload().unwrap_or_default();
+    let _ = hub.registry.reload();
+    // Revoked while the hub was down: the list no longer names a unit with open
+    // commands.
+    let mut revoked = hub.registry.take_revoked();
+    for (node, _, _) in &recovered.open {
+        if hub.registry.is_unlisted(node) && !revoked.contains(node) {
+            revoked.push(node.clone());
+        }
+    }
     cancel_revoked(&hub, &revoked).await;
     info!(
         hub = %hub.name,
@@ -218,10 +226,10 @@ async fn watch_presence(hub: Arc<Hub>) {
 async fn watch_enrolment(hub: Arc<Hub>) {
     loop {
         tokio::time::sleep(ENROLMENT_POLL).await;
-        match hub.registry.reload() {
-            Ok(revoked) => cancel_revoked(&hub, &revoked).await,
-            Err(e) => warn!(error = %e, "cannot read the enrolment list"),
+        if let Err(e) = hub.registry.reload() {
+            warn!(error = %e, "cannot read the enrolment list");
         }
+        cancel_revoked(&hub, &hub.registry.take_revoked()).await;
     }
 }
 

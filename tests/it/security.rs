@@ -417,3 +417,152 @@ async fn the_agents_identity_and_config_are_never_reachable() {
         Ok(())
     });
 }
+
+/// Finding 1 (confused deputy): nats-server checks a publisher's subject, not its
+/// reply subject, so a unit or an operator can ask the hub to answer *anywhere*. The
+/// hub answers only within the sender's own inbox, and the identity it answers with
+/// cannot write the store anyway. Each forged reply is watched where it would land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_reply_subjects_get_no_answer_from_the_hub() {
+    scenario!(f, {
+        f.enroll("unit-a")?;
+        f.enroll("unit-b")?;
+        let (a, _errors) = connect_as(&f, "unit-a").await?;
+        let (b, _) = connect_as(&f, "unit-b").await?;
+        let hub_side = f.hub_client().await?;
+        let operator = f.client().await?;
+        // Where forged answers would land: another unit's hello subject (unit-b runs no
+        // agent, so anything there is the hub's), unit-b's inbox, the store.
+        let mut on_b_hello = hub_side.subscribe(f.subjects.hello("unit-b")).await?;
+        let mut on_b_inbox = b.subscribe("_INBOX_unit-b.>").await?;
+        // Controls: the same messages with an honest reply subject are answered.
+        let mut a_ok = a.subscribe("_INBOX_unit-a.ok").await?;
+        let mut op_ok = operator.subscribe("_INBOX.ok").await?;
+        hub_side.flush().await?;
+        b.flush().await?;
+
+        let hello = Bytes::from(encode(&Hello {
+            agent_version: "0".into(),
+            arch: "x".into(),
+            os: String::new(),
+            kernel: String::new(),
+            uptime_s: 0,
+            agent_started_at: now_ms(),
+            labels: vec![],
+            outbox_depth: 0,
+            pending: 0,
+            interval_s: 15,
+            proto_min: 1,
+            proto_max: 2,
+            methods: vec!["ping".into()],
+            allowed: vec!["ping".into()],
+            sent_at: now_ms(),
+            keys: vec![],
+        }));
+        let outcome = Bytes::from(encode(&outpost_wire::Outcome {
+            command: MsgId::new(now_ms()),
+            status: outpost_wire::Status::Succeeded,
+            exit_code: Some(0),
+            stdout: vec![],
+            stderr: vec![],
+            truncated: false,
+            started_at: now_ms(),
+            duration_ms: 0,
+        }));
+        let forged = [
+            "$KV.outpost-nodes.zz",
+            "$KV.outpost-open.zz",
+            "$JS.API.STREAM.DELETE.KV_outpost-open",
+            &f.subjects.hello("unit-b"),
+            "_INBOX_unit-b.x",
+            "_INBOX.x.y",
+            "_HUB.central.store.x",
+        ];
+        for reply in forged {
+            a.publish_with_reply(f.subjects.hello("unit-a"), reply.to_string(), hello.clone())
+                .await?;
+            a.publish_with_reply(f.subjects.result("unit-a"), reply.to_string(), outcome.clone())
+                .await?;
+        }
+        a.flush().await?;
+        let nodes_req = Bytes::from(encode(&outpost_wire::api::NodesRequest::default()));
+        for reply in forged.iter().filter(|r| !r.starts_with("_INBOX.")) {
+            operator
+                .publish_with_reply(f.subjects.api("nodes"), reply.to_string(), nodes_req.clone())
+                .await?;
+        }
+        operator.flush().await?;
+        // The honest ones last: once they are answered, the forged ones (sent before
+        // on the same connections, handled in order per subject) have been handled.
+        a.publish_with_reply(f.subjects.hello("unit-a"), "_INBOX_unit-a.ok", hello.clone())
+            .await?;
+        operator
+            .publish_with_reply(f.subjects.api("nodes"), "_INBOX.ok", nodes_req)
+            .await?;
+        tokio::time::timeout(T, a_ok.next())
+            .await
+            .context("the hub did not answer unit-a's honest hello")?;
+        tokio::time::timeout(T, op_ok.next())
+            .await
+            .context("the hub did not answer the operator's honest request")?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let leaked = tokio::time::timeout(Duration::from_millis(200), on_b_hello.next()).await;
+        assert!(
+            !matches!(leaked, Ok(Some(_))),
+            "the hub published on unit-b's hello subject: {leaked:?}"
+        );
+        let leaked = tokio::time::timeout(Duration::from_millis(200), on_b_inbox.next()).await;
+        assert!(
+            !matches!(leaked, Ok(Some(_))),
+            "the hub answered into unit-b's inbox: {leaked:?}"
+        );
+        let nodes = f.nodes().await?;
+        assert!(
+            nodes.iter().all(|n| n.name != "zz" && (n.name != "unit-b" || !n.online)),
+            "{nodes:?}"
+        );
+
+        // The store holds nothing the attacker wrote, and the hub starts again.
+        let seed = std::fs::read_to_string(f.pki().join("hub-store.nk"))?;
+        let store = ConnectOptions::with_nkey(seed.trim().to_string())
+            .add_root_certificates(f.ca())
+            .require_tls(true)
+            .tls_first()
+            .custom_inbox_prefix("_HUB.test.store")
+            .connect(f.url())
+            .await?;
+        let js = async_nats::jetstream::new(store);
+        for bucket in ["outpost-nodes", "outpost-open"] {
+            let kv = js.get_key_value(bucket).await?;
+            assert!(kv.get("zz").await?.is_none(), "{bucket} has key zz");
+        }
+        f.stop_hub();
+        f.start_hub().await?;
+        Ok(())
+    });
+}
+
+/// Finding 3: a unit named `hub` (or anything) cannot read the hub's or operators'
+/// reply inboxes: unit inboxes are `_INBOX_<node>`, the hub's `_HUB.<hub>.<role>`,
+/// operators' `_INBOX.`, and no node name can make one of them another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_named_hub_reads_no_hub_replies() {
+    scenario!(f, {
+        f.enroll("hub")?;
+        let (h, mut errors) = connect_as(&f, "hub").await?;
+        for subject in ["_HUB.>", "_HUB.central.msg.>", "_INBOX.>", "_INBOX_pi-1.>"] {
+            let _s = h.subscribe(subject.to_string()).await?;
+            h.flush().await?;
+            expect_violation(&mut errors, subject).await?;
+        }
+        // Traffic the hub's inboxes carry (ACKs, JetStream replies) flows meanwhile.
+        f.start_agent("pi-1", &AgentOpts::default()).await?;
+        let id = f.exec("pi-1", &["true"]).await?;
+        assert_eq!(f.wait_final(id, T).await?.state, CmdState::Succeeded);
+        // A name that would be an inbox prefix of its own is refused at enrolment.
+        let o = f.cli(&["enroll", "--pki", &f.pki().display().to_string(), "_INBOX.x"]);
+        assert!(!o.status.success());
+        Ok(())
+    });
+}
