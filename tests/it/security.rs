@@ -481,21 +481,33 @@ async fn forged_reply_subjects_get_no_answer_from_the_hub() {
         for reply in forged {
             a.publish_with_reply(f.subjects.hello("unit-a"), reply.to_string(), hello.clone())
                 .await?;
-            a.publish_with_reply(f.subjects.result("unit-a"), reply.to_string(), outcome.clone())
-                .await?;
+            a.publish_with_reply(
+                f.subjects.result("unit-a"),
+                reply.to_string(),
+                outcome.clone(),
+            )
+            .await?;
         }
         a.flush().await?;
         let nodes_req = Bytes::from(encode(&outpost_wire::api::NodesRequest::default()));
         for reply in forged.iter().filter(|r| !r.starts_with("_INBOX.")) {
             operator
-                .publish_with_reply(f.subjects.api("nodes"), reply.to_string(), nodes_req.clone())
+                .publish_with_reply(
+                    f.subjects.api("nodes"),
+                    reply.to_string(),
+                    nodes_req.clone(),
+                )
                 .await?;
         }
         operator.flush().await?;
         // The honest ones last: once they are answered, the forged ones (sent before
         // on the same connections, handled in order per subject) have been handled.
-        a.publish_with_reply(f.subjects.hello("unit-a"), "_INBOX_unit-a.ok", hello.clone())
-            .await?;
+        a.publish_with_reply(
+            f.subjects.hello("unit-a"),
+            "_INBOX_unit-a.ok",
+            hello.clone(),
+        )
+        .await?;
         operator
             .publish_with_reply(f.subjects.api("nodes"), "_INBOX.ok", nodes_req)
             .await?;
@@ -519,7 +531,9 @@ async fn forged_reply_subjects_get_no_answer_from_the_hub() {
         );
         let nodes = f.nodes().await?;
         assert!(
-            nodes.iter().all(|n| n.name != "zz" && (n.name != "unit-b" || !n.online)),
+            nodes
+                .iter()
+                .all(|n| n.name != "zz" && (n.name != "unit-b" || !n.online)),
             "{nodes:?}"
         );
 
@@ -561,7 +575,12 @@ async fn a_unit_named_hub_reads_no_hub_replies() {
         let id = f.exec("pi-1", &["true"]).await?;
         assert_eq!(f.wait_final(id, T).await?.state, CmdState::Succeeded);
         // A name that would be an inbox prefix of its own is refused at enrolment.
-        let o = f.cli(&["enroll", "--pki", &f.pki().display().to_string(), "_INBOX.x"]);
+        let o = f.cli(&[
+            "enroll",
+            "--pki",
+            &f.pki().display().to_string(),
+            "_INBOX.x",
+        ]);
         assert!(!o.status.success());
         Ok(())
     });

@@ -162,6 +162,10 @@ pub fn ensure_nats_server() -> Result<PathBuf> {
 }
 
 fn deps() -> Result<()> {
+    // The clock tests run the agent under libfaketime (tests/it/core.rs).
+    if on_path("faketime").is_none() {
+        cross::install("the clock tests", &["faketime"], &[])?;
+    }
     let nats = ensure_nats_server()?;
     run(Command::new(nats).arg("--version"))?;
     // Tests find nats-server on PATH; make sure a fresh pip location is on it.
