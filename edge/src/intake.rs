@@ -23,7 +23,8 @@ pub enum Decision {
 #[derive(Debug)]
 pub struct Accepted {
     pub command: Command,
-    /// The protocol version it came in: the ACK and outcome go back in it.
+    /// The protocol version it came in: the ACK goes back in it (the outcome in the
+    /// hub's version as its hello reply said).
     pub version: u8,
     /// The trusted key that signed it (`hub.keys` must keep it).
     pub signer: PublicKey,

@@ -152,11 +152,14 @@ Examples:
   outpost-hub send --to pi-17 --method file.read -- /etc/os-release
   outpost-hub send --to pi-17 --method ping --no-wait
   outpost-hub send --to pi-1,pi-2,pi-3 -- systemctl is-active nginx
+  outpost-hub send --to pi-1,pi-2 --method hub.keys -- hub-signing.pub hub-signing-2.pub
 
 Exit status: 0 when the command succeeded; the unit's exit code when it failed with
 one; 1 failed without an exit code; 124 timed out on the unit; 125 rejected by the
-unit; 126 expired before the unit accepted it; 255 outpost could not do it (bad
-input, broker or hub unreachable). With several units: 0 when every one succeeded,
+unit; 126 expired before the unit accepted it (or before it started, on the unit);
+75 the deadline passed and the hub cannot tell whether the unit accepted it (its
+answer was lost; the record shows the outcome if one comes); 255 outpost could not
+do it (bad input, an unknown or revoked unit, broker or hub unreachable). With several units: 0 when every one succeeded,
 else the status of the first unit (in the order given) that did not; 255 when a
 unit's command could not be queued (the others are still sent).";
 
@@ -205,7 +208,9 @@ struct SendArgs {
     /// line, and `send` exits 0 only if every one succeeded.
     #[arg(long, required = true, value_delimiter = ',', value_name = "UNIT")]
     to: Vec<String>,
-    /// What to do: exec, ping, file.write, file.read.
+    /// What to do: exec, ping, file.write, file.read, hub.keys (the hub keys the unit
+    /// trusts from now on, after --: public keys as hex or .pub files; the set must
+    /// keep the key that signs it).
     #[arg(long, short, default_value = "exec")]
     method: String,
     /// What it is for (state is kept per unit, method and domain), e.g. nginx.
@@ -259,6 +264,12 @@ enum PkiCmd {
         /// Replace an existing PKI.
         #[arg(long)]
         force: bool,
+    },
+    /// Make a new command-signing key (for a rotation: see docs/adr/0005-security.md):
+    /// FILE (PKCS#8, secret) and FILE with .pub (what units are told to trust).
+    SigningKey {
+        /// Where to write the key, e.g. hub-signing-2.pk8.
+        out: PathBuf,
     },
 }
 
@@ -324,7 +335,37 @@ fn method_of(a: &SendArgs) -> anyhow::Result<Method> {
             path: one_path()?,
             max_bytes: a.max_bytes,
         }),
-        other => anyhow::bail!("unknown method {other:?}: use exec, ping, file.write or file.read"),
+        "hub.keys" => {
+            if a.args.is_empty() || a.args.len() > outpost_wire::MAX_HUB_KEYS {
+                anyhow::bail!(
+                    "hub.keys takes 1 to {} public keys after -- (hex, or a .pub file)",
+                    outpost_wire::MAX_HUB_KEYS
+                );
+            }
+            let keys = a
+                .args
+                .iter()
+                .map(|k| {
+                    let text = match std::path::Path::new(k).is_file() {
+                        true => std::fs::read_to_string(k)
+                            .with_context(|| format!("cannot read {k}"))?,
+                        false => k.clone(),
+                    };
+                    text.trim()
+                        .parse::<outpost_wire::sign::PublicKey>()
+                        .map(|p| p.0)
+                        .map_err(|_| {
+                            anyhow::anyhow!(
+                                "{k:?} is not a public key (64 hex digits) nor a file holding one"
+                            )
+                        })
+                })
+                .collect::<anyhow::Result<_>>()?;
+            Method::HubKeys(outpost_wire::HubKeys { keys })
+        }
+        other => anyhow::bail!(
+            "unknown method {other:?}: use exec, ping, file.write, file.read or hub.keys"
+        ),
     })
 }
 
@@ -581,6 +622,24 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             } else {
                 print!("{}", cli::record_text(&rec));
             }
+            Ok(0)
+        }
+        Cmd::Pki(PkiCmd::SigningKey { out }) => {
+            if out.exists() {
+                anyhow::bail!("{} exists: choose a new name", out.display());
+            }
+            let der = outpost_wire::sign::SigningKey::generate_pkcs8()?;
+            let public = outpost_wire::sign::SigningKey::from_pkcs8(&der)?.public();
+            let pub_file = out.with_extension("pub");
+            pki::write_file(&out, &der, true)?;
+            pki::write_file(&pub_file, format!("{public}\n").as_bytes(), false)?;
+            println!("signing key: {} (secret)", out.display());
+            println!("public key:  {} ({public})", pub_file.display());
+            println!(
+                "next: `send --method hub.keys -- CURRENT.pub {}` to every unit, then serve with --next-signing-key {}",
+                pub_file.display(),
+                out.display()
+            );
             Ok(0)
         }
         Cmd::Pki(PkiCmd::Init {

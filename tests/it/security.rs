@@ -585,3 +585,118 @@ async fn a_unit_named_hub_reads_no_hub_replies() {
         Ok(())
     });
 }
+
+/// Finding 7: the hub's signing key is rotated without touching a unit's config, by
+/// signed `hub.keys` commands, with one unit offline through the first step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signing_key_rotates_across_the_fleet_with_a_unit_offline() {
+    scenario!(f, {
+        let o = AgentOpts {
+            config: outpost_tests::ALLOW_ALL.replace("\"ping\",", "\"ping\", \"hub.keys\","),
+            ..Default::default()
+        };
+        f.start_agent("unit-a", &o).await?;
+        f.start_agent("unit-b", &o).await?;
+        f.kill_agent("unit-b"); // offline through step 1
+        let k1_pub = f.pki().join("hub-signing.pub");
+        let k2 = f.pki().join("hub-signing-2.pk8");
+        let k2_pub = f.pki().join("hub-signing-2.pub");
+        let o2 = f.cli(&["pki", "signing-key", &k2.display().to_string()]);
+        assert!(
+            o2.status.success(),
+            "{}",
+            String::from_utf8_lossy(&o2.stderr)
+        );
+
+        // Step 1: the hub holds the next key; every unit is told to trust both.
+        f.next_signing_key = Some(k2.clone());
+        f.stop_hub();
+        f.start_hub().await?;
+        let both = [k1_pub.display().to_string(), k2_pub.display().to_string()];
+        let send_keys = |keys: Vec<String>| {
+            let mut args = vec![
+                "send",
+                "--no-wait",
+                "--to",
+                "unit-a,unit-b",
+                "--method",
+                "hub.keys",
+                "--",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+            args.extend(keys);
+            args
+        };
+        let a1 = send_keys(both.to_vec());
+        let o1 = f.cli(&a1.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            o1.status.success(),
+            "{}",
+            String::from_utf8_lossy(&o1.stderr)
+        );
+        // unit-b comes back and gets it then.
+        f.start_agent("unit-b", &o).await?;
+        for node in ["unit-a", "unit-b"] {
+            eventually(&format!("{node} to trust both keys"), T, || async {
+                let log = f.agents[node].log_text();
+                log.contains("hub keys replaced").then_some(())
+            })
+            .await?;
+        }
+        // Hellos (every second here) tell the hub; commands now come signed with K2.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        // Step 2: retire K1 on every unit (signed with K2, which the set keeps).
+        let a2 = send_keys(vec![k2_pub.display().to_string()]);
+        let o2 = f.cli(&a2.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            o2.status.success(),
+            "{}",
+            String::from_utf8_lossy(&o2.stderr)
+        );
+        for node in ["unit-a", "unit-b"] {
+            eventually(&format!("{node} to trust K2 only"), T, || async {
+                let log = f.agents[node].log_text();
+                (log.matches("hub keys replaced").count() >= 2).then_some(())
+            })
+            .await?;
+        }
+
+        // Step 3: the hub signs with K2 alone; both units obey, after a restart too.
+        f.signing_key = Some(k2.clone());
+        f.next_signing_key = None;
+        f.stop_hub();
+        f.start_hub().await?;
+        f.kill_agent("unit-a");
+        f.start_agent("unit-a", &o).await?;
+        for node in ["unit-a", "unit-b"] {
+            let id = f.exec(node, &["true"]).await?;
+            assert_eq!(
+                f.wait_final(id, T).await?.state,
+                CmdState::Succeeded,
+                "{node}"
+            );
+        }
+        // The old key no longer commands anyone.
+        let old = hub_key(&f)?;
+        let c = f.hub_client().await?;
+        let effect = f.work_dir("unit-a").join("old-key");
+        let signed = old.sign(&command(
+            "unit-a",
+            now_ms() + 60_000,
+            append_argv(&effect, "x"),
+        ));
+        let r = c
+            .request(f.subjects.command("unit-a"), Bytes::from(signed))
+            .await?;
+        let ack = decode::<Ack>(&r.payload)?;
+        assert!(
+            matches!(&ack.kind, AckKind::Rejected(r) if r.code == RejectCode::BadSignature),
+            "{ack:?}"
+        );
+        assert!(!effect.exists());
+        Ok(())
+    });
+}

@@ -225,7 +225,8 @@ pub struct CommandRecord {
     /// at most [`crate::limits::MAX_NOTE`] bytes.
     pub note: String,
     pub outcome: Option<Outcome>,
-    /// Version 2: when the unit reported it started (unit clock).
+    /// Version 2: when it started, in hub time (when the hub received the `Running`
+    /// ACK or the `Started` report).
     pub started_at: Option<u64>,
     /// Version 2: a delivery may have reached the unit without its answer reaching
     /// the hub (an ACK lost or late). While it is set, a passed deadline does not make
@@ -235,8 +236,9 @@ pub struct CommandRecord {
 
 /// What the hub persists per command: the record and the command itself, which the
 /// hub signs for each delivery in the unit's protocol version with a key the unit
-/// trusts (ed25519 is deterministic: the same command, version and key give the same
-/// bytes, so a restarted hub delivers the same command, not a new one).
+/// trusts. A version 2 delivery carries its `sent_at`, so its bytes differ each time;
+/// the id is what makes it the same command to the unit (a re-delivery is a
+/// duplicate, never a new run).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredCommand {
     pub record: CommandRecord,

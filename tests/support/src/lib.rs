@@ -229,6 +229,10 @@ pub struct Fleet {
     hub_log: Option<&'static str>,
     /// An enrolment list for the hub instead of the PKI's (the benchmark's).
     units_file: Option<PathBuf>,
+    /// The hub's signing key, if not the PKI's `hub-signing.pk8` (a key rotation).
+    pub signing_key: Option<PathBuf>,
+    /// The next signing key the hub holds during a rotation (`--next-signing-key`).
+    pub next_signing_key: Option<PathBuf>,
 }
 
 impl Fleet {
@@ -316,6 +320,8 @@ impl Fleet {
             enrolled: Default::default(),
             hub_log,
             units_file: None,
+            signing_key: None,
+            next_signing_key: None,
         };
         f.start_nats().await?;
         f.connect_client().await?;
@@ -354,12 +360,19 @@ impl Fleet {
             .arg("--ca-file")
             .arg(self.ca())
             .arg("--signing-key")
-            .arg(self.pki().join("hub-signing.pk8"))
+            .arg(
+                self.signing_key
+                    .clone()
+                    .unwrap_or_else(|| self.pki().join("hub-signing.pk8")),
+            )
             .arg("--nkey-file")
             .arg(self.pki().join("hub.nk"))
             .args(["--name", "central", "--ack-timeout", "1s"]);
         if let Some(u) = &self.units_file {
             cmd.arg("--units").arg(u);
+        }
+        if let Some(k) = &self.next_signing_key {
+            cmd.arg("--next-signing-key").arg(k);
         }
         match self.hub_log {
             Some(l) => cmd.env("RUST_LOG", l),
