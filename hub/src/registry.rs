@@ -643,6 +643,64 @@ mod tests {
         assert_eq!(e.code, ErrorCode::UnknownUnit);
     }
 
+    /// Issue 13, finding 8 and issue 14, defect 7: the list decides who may be
+    /// commanded and with which labels; a hello cannot relabel a unit; a typo gets the
+    /// nearest names; a removed unit is reported revoked, once.
+    #[test]
+    fn the_enrolment_list_decides_names_and_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("units.json");
+        let unit = |labels: &[&str]| crate::enroll::Unit {
+            nkey: "U".into(),
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            enrolled_at: 1,
+        };
+        let mut list = crate::enroll::Units {
+            prefix: "outpost".into(),
+            hub_nkey: "U".into(),
+            hub_store_nkey: "U".into(),
+            operator_nkey: "U".into(),
+            units: [
+                ("pi-17".to_string(), unit(&["site=lab"])),
+                ("pi-18".into(), unit(&[])),
+            ]
+            .into(),
+            others: Default::default(),
+        };
+        std::fs::write(&file, serde_json::to_string(&list).unwrap()).unwrap();
+        let r = Registry::new(Some(file.clone()));
+        r.reload().unwrap();
+        let mut h = hello("1", 15);
+        h.labels = vec![("site".into(), "hq".into())];
+        r.hello("pi-17", h, 2, 1000);
+        let v = r.node("pi-17", 0, 1000).unwrap();
+        assert_eq!(v.labels, vec![("site".into(), "lab".into())]);
+        let hq = Selector::parse("site=hq").unwrap();
+        let page = r.page(&NodesRequest::default(), &hq, |_| 0, 1000);
+        assert_eq!(page.matched, 0, "a unit chose its own label");
+        // Enrolled but never seen: may be commanded (it may come later).
+        assert!(r.check("pi-18", &Method::Ping).is_ok());
+        let e = r.check("pi-71", &Method::Ping).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownUnit);
+        assert!(e.message.contains("did you mean pi-17"), "{}", e.message);
+        // Removed from the list: refused as revoked and handed to the watcher once.
+        list.units.remove("pi-17");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file, serde_json::to_string(&list).unwrap()).unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        r.reload().unwrap(); // what the enrolment watcher does every 5 s
+        let e = r.check("pi-17", &Method::Ping).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Revoked);
+        assert_eq!(r.take_revoked(), vec!["pi-17".to_string()]);
+        assert!(r.take_revoked().is_empty());
+    }
+
     #[test]
     fn pages_cover_everything_once_in_order() {
         let r = Registry::new(None);
