@@ -523,3 +523,50 @@ fn ansible_lint_is_clean() {
         "ansible-lint:\n{text}"
     );
 }
+
+/// Issue 13, finding 9: `pi.1` and `pi-1` both become node `pi-1`; the pki role
+/// refuses the inventory before it makes or enrols anything.
+#[test]
+fn two_hosts_with_one_node_name_are_refused() {
+    let Some(p) = prep() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = dir.path().join("hosts.ini");
+    std::fs::write(
+        &inventory,
+        "[outpost_units]\npi.1 ansible_connection=local\npi-1 ansible_connection=local\n",
+    )
+    .unwrap();
+    let play = dir.path().join("pki.yml");
+    std::fs::write(
+        &play,
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  roles: [pki]\n",
+    )
+    .unwrap();
+    let pki = dir.path().join("pki");
+    let o = Command::new(p.venv_bin.join("ansible-playbook"))
+        .arg("-i")
+        .arg(&inventory)
+        .arg(&play)
+        .arg("-e")
+        .arg(format!(
+            "outpost_pki_dir={} outpost_hub_cli=/nonexistent outpost_nats_port=4222",
+            pki.display()
+        ))
+        .env("PATH", p.path())
+        .env("ANSIBLE_HOME", dir.path().join("home"))
+        .env("ANSIBLE_ROLES_PATH", root().join("deploy/ansible/roles"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run ansible-playbook");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "the play passed:\n{text}");
+    assert!(
+        text.contains("two hosts map to the same node name (node names: pi-1, pi-1)"),
+        "{text}"
+    );
+    assert!(!pki.exists(), "the PKI was made before the check");
+}
