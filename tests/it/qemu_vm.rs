@@ -133,8 +133,9 @@ async fn vm_scenarios(f: &mut Fleet, vm: &mut QemuVm, image: &VmImage) -> Result
     // (d) Hard reset mid-command: reported interrupted after the reboot.
     let boots = vm.boots();
     let id = f.exec(&node, &["sleep", "600"]).await?;
-    f.eventually_state(id, CmdState::Accepted, T).await?;
-    // Accepted is persisted before it starts: wait until the process really runs.
+    // An idle unit starts it at once and says so (`Running`, persisted before it
+    // starts): wait until the process really runs.
+    f.eventually_state(id, CmdState::Running, T).await?;
     let end = Instant::now() + T;
     while vm.console("pidof sleep", T).await?.1 != 0 {
         ensure!(Instant::now() < end, "sleep 600 never started");
