@@ -196,6 +196,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         }
     };
     let trust = Trust::load(&cfg.state_dir, &cfg.hub_keys)?;
+    let hub_floor = state.hub_floor();
     for id in &recovery.interrupted {
         warn!(command = %id, "command was running when the agent stopped: reported interrupted");
     }
@@ -222,7 +223,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         client,
         state: Mutex::new(state),
         trust: Mutex::new(trust),
-        clock: HubClock::new(),
+        clock: {
+            let c = HubClock::new();
+            c.set_floor(hub_floor);
+            c
+        },
         clock_kick: Notify::new(),
         hub_proto: AtomicU8::new(PROTOCOL_MIN),
         // Every recovered command is kept, however many: they were all accepted.

@@ -53,6 +53,10 @@ struct Sample {
 pub struct HubClock {
     sample: Mutex<Option<Sample>>,
     v1: std::sync::atomic::AtomicBool,
+    /// Hub time the unit knows had passed before this run (kept in the state dir by
+    /// `StateDir::prune`): the clock never reads earlier, so a replayed old command
+    /// cannot set it back to before the ids it forgot.
+    floor: std::sync::atomic::AtomicU64,
 }
 
 impl Default for HubClock {
@@ -66,6 +70,7 @@ impl HubClock {
         HubClock {
             sample: Mutex::new(None),
             v1: std::sync::atomic::AtomicBool::new(false),
+            floor: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -86,6 +91,16 @@ impl HubClock {
         }
     }
 
+    /// Hub time known to have passed (from the state dir): no reading is earlier.
+    pub fn set_floor(&self, hub_ms: u64) {
+        self.floor
+            .fetch_max(hub_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn floor(&self) -> u64 {
+        self.floor.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The hub is a version 1 hub: use the unit's own clock.
     pub fn use_unit_clock(&self) {
         self.v1.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -103,11 +118,12 @@ impl HubClock {
 
     /// The hub's time now (ms since the epoch), if known.
     pub fn now(&self) -> Option<u64> {
-        match &*self.sample.lock().expect("clock lock") {
+        let t = match &*self.sample.lock().expect("clock lock") {
             Some(s) => Some(s.hub_ms + s.at.elapsed().as_millis() as u64),
             None if self.v1.load(std::sync::atomic::Ordering::Relaxed) => Some(now_ms()),
             None => None,
-        }
+        };
+        t.map(|t| t.max(self.floor()))
     }
 
     /// The unit's clock minus the hub's (ms), when both are known.
@@ -150,6 +166,17 @@ mod tests {
         c.observe(5_000_000);
         assert!(c.now().unwrap() >= 5_000_000);
         assert_eq!(c.source(), Source::Hub);
+    }
+
+    #[test]
+    fn the_floor_from_before_a_restart_holds_against_old_samples() {
+        let c = HubClock::new();
+        c.set_floor(10_000);
+        assert_eq!(c.now(), None, "a floor is not a reading");
+        c.observe(5_000); // a replayed command's sent_at
+        assert!(c.now().unwrap() >= 10_000);
+        c.observe(20_000);
+        assert!(c.now().unwrap() >= 20_000);
     }
 
     #[test]

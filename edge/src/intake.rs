@@ -86,7 +86,10 @@ pub fn decide(
     }
     // The hub's clock: a signed reading (version 2); a version 1 hub sends none, so
     // the unit's own clock it is, as version 1 always did.
-    let now = cx.clock.now().unwrap_or_else(outpost_wire::now_ms);
+    let now = cx
+        .clock
+        .now()
+        .unwrap_or_else(|| outpost_wire::now_ms().max(cx.clock.floor()));
     if now > cmd.deadline {
         let whose = if v >= 2 { "hub clock" } else { "unit clock" };
         return reject(
@@ -292,6 +295,22 @@ mod tests {
             decide(&v1, &cx("pi", &pk, &all, &fresh), none),
             Decision::Accept(Accepted { version: 1, .. })
         ));
+        // Just restarted, hub time not known yet, but the state dir says when ids
+        // were last forgotten: a replayed command from before then is expired even
+        // though its own sent_at is before its deadline.
+        let restarted = HubClock::new();
+        restarted.set_floor(20_000);
+        let mut replay = cmd("pi", 10_000, &["true"]);
+        replay.id = MsgId([9; 16]);
+        replay.sent_at = 9_000;
+        assert_eq!(
+            code(decide(
+                &k.sign(&replay),
+                &cx("pi", &pk, &all, &restarted),
+                none
+            )),
+            Some(RejectCode::Expired)
+        );
     }
 
     #[test]

@@ -172,7 +172,12 @@ pub struct StateDir {
     seq_of: HashMap<MsgId, u64>,
     next_seq: u64,
     max_seen: usize,
+    /// Hub time before which every forgotten id's deadline lies, kept in `hub-time`.
+    hub_floor: u64,
 }
+
+/// The file that keeps [`StateDir::hub_floor`] across restarts.
+pub const HUB_TIME_FILE: &str = "hub-time";
 
 fn hex(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -268,6 +273,10 @@ impl StateDir {
             seq_of: HashMap::new(),
             next_seq: 0,
             max_seen: MAX_SEEN,
+            hub_floor: fs::read_to_string(root.join(HUB_TIME_FILE))
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0),
         };
         let mut rec = Recovery::default();
         // Line by line: memory is the longest line, not the log.
@@ -596,14 +605,49 @@ impl StateDir {
     /// those, [`StateDir::full`] says so and the unit answers `Busy`.
     pub fn prune(&mut self, hub_now: Option<u64>) {
         if let Some(now) = hub_now {
-            let live = &self.seq_of;
-            self.seen.retain(|id, s| {
+            let keep = |live: &HashMap<MsgId, u64>, id: &MsgId, s: &Seen| {
                 s.kept == Kept::Pending
                     || live.contains_key(id)
                     || s.deadline.saturating_add(RETAIN_AFTER_DEADLINE_MS) > now
-            });
+            };
+            let newest_dropped = self
+                .seen
+                .iter()
+                .filter(|(id, s)| !keep(&self.seq_of, id, s))
+                .map(|(_, s)| s.deadline)
+                .max();
+            // Before an id is forgotten, the hub time that makes its re-delivery
+            // expired is kept on disk (about once an hour): after a restart the clock
+            // cannot be set back before it by a replayed command.
+            if let Some(d) = newest_dropped
+                && d >= self.hub_floor
+                && let Err(e) = self.save_hub_floor(now)
+            {
+                tracing::warn!(error = %e, "cannot keep the hub time; forgetting no ids");
+                return self.maybe_compact();
+            }
+            let live = &self.seq_of;
+            self.seen.retain(|id, s| keep(live, id, s));
         }
         self.maybe_compact();
+    }
+
+    /// Hub time known to have passed when the agent last forgot ids (0: never).
+    pub fn hub_floor(&self) -> u64 {
+        self.hub_floor
+    }
+
+    fn save_hub_floor(&mut self, now: u64) -> Result<(), StateError> {
+        let path = self.root.join(HUB_TIME_FILE);
+        let tmp = self.root.join("hub-time.tmp");
+        let mut f = File::create(&tmp).map_err(err("create", &tmp))?;
+        f.write_all(format!("{now}\n").as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(err("write", &tmp))?;
+        fs::rename(&tmp, &path).map_err(err("rename", &path))?;
+        sync_dir(&self.root)?;
+        self.hub_floor = now;
+        Ok(())
     }
 
     fn maybe_compact(&mut self) {
@@ -955,6 +999,9 @@ mod tests {
         assert!(lines <= 2 * 10 + 64 + 8, "log has {lines} lines");
         drop(s);
         let (s, rec) = StateDir::open(dir.path()).unwrap();
+        // The hub time at which ids were first forgotten survives the restart; it is
+        // past every forgotten deadline (the last one, 1,299), so it was not rewritten.
+        assert_eq!(s.hub_floor(), 1_099 + RETAIN_AFTER_DEADLINE_MS);
         assert_eq!(rec.corrupt_lines, 0);
         assert_eq!(rec.queued.len(), 1);
         assert_eq!(rec.queued[0].command.id, waiting.command.id);

@@ -168,6 +168,19 @@ async fn send_many(hub: &Hub, payload: &[u8]) -> ApiResult<SendManyReply> {
 fn prepare(hub: &Hub, t: &Template, to: &str, id: MsgId, now: u64) -> ApiResult<StoredCommand> {
     names::check_node(to).map_err(|e| bad(e.to_string()))?;
     hub.registry.check(to, &t.method)?;
+    // An operator credential must not make units trust a key of its choosing: only
+    // this hub's own keys (ADR 0005, key rotation).
+    if let Method::HubKeys(k) = &t.method
+        && let Some(other) = k.keys.iter().find(|k| !hub.delivery.keys.is_ours(k))
+    {
+        return Err(ApiError::new(
+            ErrorCode::NotAllowed,
+            format!(
+                "hub.keys may name only this hub's signing keys (--signing-key, --next-signing-key); {} is neither",
+                outpost_wire::sign::PublicKey(*other)
+            ),
+        ));
+    }
     let command = Command {
         id,
         from: hub.name.clone(),

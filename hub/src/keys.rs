@@ -65,6 +65,14 @@ impl Keys {
         }
     }
 
+    /// Whether `public` is one of this hub's keys (the enrolment key or the next):
+    /// the only keys a `hub.keys` command may tell units to trust.
+    pub fn is_ours(&self, public: &[u8; 32]) -> bool {
+        std::iter::once(&self.primary)
+            .chain(self.next.as_ref())
+            .any(|k| &k.public().0 == public)
+    }
+
     pub fn primary(&self) -> &SigningKey {
         &self.primary
     }

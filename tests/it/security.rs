@@ -629,6 +629,19 @@ async fn the_signing_key_rotates_across_the_fleet_with_a_unit_offline() {
             args.extend(keys);
             args
         };
+        // An operator cannot make units trust a key that is not the hub's.
+        let k3 = f.pki().join("someone-else.pk8");
+        f.cli(&["pki", "signing-key", &k3.display().to_string()]);
+        let k3_pub = f.pki().join("someone-else.pub").display().to_string();
+        let o3 = f.cli(&[
+            "send", "--to", "unit-a", "--method", "hub.keys", "--", &k3_pub,
+        ]);
+        assert_eq!(o3.status.code(), Some(255));
+        let err = String::from_utf8_lossy(&o3.stderr);
+        assert!(
+            err.contains("may name only this hub's signing keys"),
+            "{err}"
+        );
         let a1 = send_keys(both.to_vec());
         let o1 = f.cli(&a1.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(

@@ -111,6 +111,19 @@ pub(crate) fn allowed(p: &Policy, e: &Exec) -> Result<PathBuf, Rejection> {
             program.display()
         )));
     }
+    // An argument naming one of the agent's own files (as a path, or after `=` as in
+    // `--file=/path`, through links too) is refused whatever the patterns allow: an
+    // allowed `cat /var/log/...` must not read the nkey through a symlink. A program
+    // that walks a directory (`cp -r /etc`) or runs a script is not seen through:
+    // allow such programs narrowly (ADR 0005).
+    for arg in &e.argv[1..] {
+        let after_eq = arg.split_once('=').map(|(_, v)| v);
+        for path in [Some(arg.as_str()), after_eq].into_iter().flatten() {
+            if path.starts_with('/') {
+                p.refuse_protected(path, false)?;
+            }
+        }
+    }
     for (name, value) in &e.env {
         p.check_env(name, value)?;
     }
@@ -679,6 +692,34 @@ mod tests {
             "{o:?}"
         );
         assert!(o.stdout.is_empty());
+    }
+
+    // ---- finding 4: the agent's own files as arguments ----
+
+    #[test]
+    fn arguments_naming_the_agents_own_files_are_refused() {
+        let a = AgentFiles::new();
+        let p = a.policy("");
+        std::os::unix::fs::symlink(a.root.join("etc/outpost/node.nk"), a.root.join("data/nk"))
+            .unwrap();
+        let cat = |arg: String| {
+            Method::Exec(Exec {
+                argv: vec!["cat".into(), arg],
+                env: vec![],
+                cwd: None,
+            })
+        };
+        assert!(p.check(&cat(a.path("data/ok.txt"))).is_ok());
+        for name in a.protected_names().into_iter().chain([a.path("data/nk")]) {
+            for arg in [name.clone(), format!("--file={name}")] {
+                refused(
+                    &p,
+                    &cat(arg),
+                    RejectCode::NotAllowed,
+                    "never readable or writable remotely",
+                );
+            }
+        }
     }
 
     // ---- finding 2: argv[0] ----
