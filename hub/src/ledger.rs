@@ -331,11 +331,7 @@ impl Ledger {
             }
             if step.persist == Persist::Deferred {
                 entry.unsaved = true;
-                self.open
-                    .lock()
-                    .expect("open lock")
-                    .by_id
-                    .insert(*id, entry);
+                self.open.lock().expect("open lock").insert(entry);
                 self.deferred
                     .lock()
                     .expect("deferred lock")
@@ -347,11 +343,7 @@ impl Ledger {
                 Cas::Done(rev) => {
                     entry.rev = rev;
                     entry.unsaved = false;
-                    self.open
-                        .lock()
-                        .expect("open lock")
-                        .by_id
-                        .insert(*id, entry);
+                    self.open.lock().expect("open lock").insert(entry);
                     self.publish(&record).await;
                     return Ok(Applied::Changed(Box::new(record)));
                 }
@@ -426,11 +418,7 @@ impl Ledger {
                 entry.rev = rev;
                 entry.unsaved = false;
                 let record = entry.cmd.record.clone();
-                self.open
-                    .lock()
-                    .expect("open lock")
-                    .by_id
-                    .insert(*id, entry);
+                self.open.lock().expect("open lock").insert(entry);
                 self.publish(&record).await;
             }
             Ok(Cas::Conflict) => {
