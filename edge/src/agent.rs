@@ -682,7 +682,15 @@ async fn deliver_outbox(agent: Arc<Agent>) {
                     debug!(command = %id, error = %e, "outcome not delivered yet");
                     match e.kind() {
                         // Nobody there: no use trying the next entries now.
-                        RequestErrorKind::NoResponders | RequestErrorKind::TimedOut => {
+                        RequestErrorKind::NoResponders => {
+                            hub_away = true;
+                            break;
+                        }
+                        // A slow hub, or one that will never answer this entry (a
+                        // bug, an old hub): the entry waits its own backoff, so it
+                        // cannot hold back the ones behind it in the next round.
+                        RequestErrorKind::TimedOut => {
+                            fail(&mut backoff, id);
                             hub_away = true;
                             break;
                         }

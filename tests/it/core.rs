@@ -229,3 +229,141 @@ async fn a_unit_two_days_behind_obeys() {
 async fn a_unit_that_boots_in_1970_comes_online_and_obeys() {
     scenario!(f, wrong_clock(&mut f, "@1970-01-02 00:00:00", None).await);
 }
+
+/// An outbox of `n` finished commands, `output` bytes of stdout each, written by the
+/// agent's own state code into `dir` before the agent starts (as a unit leaves it
+/// after a long time offline).
+fn outbox(dir: &std::path::Path, n: u64, output: usize) -> anyhow::Result<Vec<MsgId>> {
+    use outpost_edge::state::StateDir;
+    use outpost_wire::{Outcome, Status};
+    let (mut s, _) = StateDir::open(dir)?;
+    let mut ids = vec![];
+    for i in 0..n {
+        let c = Command {
+            id: MsgId::new(now_ms() + i),
+            from: "central".into(),
+            to: "pi-1".into(),
+            issued_at: now_ms(),
+            deadline: now_ms() + 3_600_000,
+            domain: String::new(),
+            timeout_ms: 0,
+            method: Method::Ping,
+            sent_at: 0,
+        };
+        let t = s.accept(&c, true)?;
+        s.finish(
+            &t,
+            &Outcome {
+                command: c.id,
+                status: Status::Succeeded,
+                exit_code: Some(0),
+                stdout: vec![b'o'; output],
+                stderr: vec![],
+                truncated: false,
+                started_at: now_ms(),
+                duration_ms: 1,
+            },
+        )?;
+        ids.push(c.id);
+    }
+    Ok(ids)
+}
+
+fn delivered(log: &str) -> usize {
+    log.matches("outcome delivered").count()
+}
+
+/// Defect 5: a 100 MB state log (weeks offline with chatty commands) opens in a unit
+/// with 64 MiB of memory, as `systemd-run -p MemoryMax=64M` would give it (a memory
+/// cgroup; see tests/support/src/memlimit.rs), and its outbox drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mb_state_log_opens_with_64_mib_of_memory() {
+    use outpost_tests::memlimit::MemoryLimit;
+    let Some(limit) = outpost_tests::ready_or_skip(
+        "a_100_mb_state_log_opens_with_64_mib_of_memory",
+        MemoryLimit::new("log", 64 << 20).map_err(|e| format!("{e:#}")),
+    ) else {
+        return;
+    };
+    scenario!(f, {
+        // 200 outcomes of 256 KiB: about 100 MB of log (outcomes are kept as hex).
+        let dir = f.state_dir("pi-1");
+        let ids = outbox(&dir, 200, 256 * 1024)?;
+        let size = std::fs::metadata(dir.join("log"))?.len();
+        assert!(size > 100_000_000, "the log is {size} bytes");
+
+        let o = AgentOpts {
+            wrapper: Some(limit.wrapper(&bin("outpost-edge"))),
+            ..Default::default()
+        };
+        f.start_agent("pi-1", &o).await?;
+        eventually(
+            "every outcome in the outbox to be receipted",
+            Duration::from_secs(180),
+            || async { (delivered(&f.agents["pi-1"].log_text()) >= ids.len()).then_some(()) },
+        )
+        .await?;
+        let agent = f.agents.get_mut("pi-1").expect("agent");
+        let pid = agent.pid().expect("pid");
+        let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().to_string()))
+            .unwrap_or_default();
+        assert!(agent.try_wait()?.is_none(), "the agent exited");
+        assert_eq!(limit.oom_kills(), 0, "the agent was OOM-killed");
+        eprintln!(
+            "100 MB log ({size} bytes) under 64 MiB: agent peak RSS {hwm}, cgroup peak {:?} bytes (page cache included)",
+            limit.peak_bytes()
+        );
+        Ok(())
+    });
+}
+
+/// Defect 2's other half: an outbox entry the hub never answers (lost by a broken or
+/// old hub) does not hold back the entries behind it. A stand-in for the hub answers
+/// every outcome but the oldest one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_hub_never_answers_does_not_block_the_outbox() {
+    use futures_util::StreamExt;
+    use outpost_wire::{Outcome, Receipt, encode};
+    scenario!(f, {
+        let ids = outbox(&f.state_dir("pi-1"), 3, 10)?;
+        f.kill_hub();
+        let hub = f.hub_client().await?;
+        let mut results = hub.subscribe(f.subjects.result("pi-1")).await?;
+        hub.flush().await?;
+        f.spawn_agent("pi-1", &AgentOpts::default())?;
+
+        let mut asked = std::collections::HashMap::<MsgId, u32>::new();
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !asked.contains_key(&ids[1]) || !asked.contains_key(&ids[2]) {
+            let msg = tokio::time::timeout_at(end, results.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("only these outcomes came: {asked:?} (want {ids:?})"))?
+                .ok_or_else(|| anyhow::anyhow!("subscription ended"))?;
+            let o: Outcome = decode(&msg.payload)?;
+            *asked.entry(o.command).or_default() += 1;
+            if o.command != ids[0]
+                && let Some(reply) = msg.reply
+            {
+                hub.publish(reply, encode(&Receipt { command: o.command }).into())
+                    .await?;
+            }
+        }
+        assert!(
+            asked.contains_key(&ids[0]),
+            "the oldest was tried: {asked:?}"
+        );
+        // The unanswered one is retried later, on its own backoff.
+        let again = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(msg) = results.next().await {
+                if decode::<Outcome>(&msg.payload).is_ok_and(|o| o.command == ids[0]) {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(again.is_ok(), "the unanswered outcome was not tried again");
+        Ok(())
+    });
+}

@@ -18,7 +18,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod compat;
 pub mod device;
+pub mod memlimit;
 pub mod pi_vm;
 pub mod proxy;
 
@@ -196,6 +198,10 @@ pub struct AgentOpts {
     pub wrapper: Option<Vec<String>>,
     /// Start TLS first (the generated broker config allows both).
     pub tls_first: bool,
+    /// The agent's command line as before protocol version 2 (no `--tls-first`
+    /// flag; it starts TLS after the broker's INFO): for a released agent in
+    /// `wrapper`.
+    pub cli_v1: bool,
 }
 
 /// The allow-list test agents run with unless a test says otherwise: everything.
@@ -210,6 +216,7 @@ impl Default for AgentOpts {
             config: ALLOW_ALL.into(),
             wrapper: None,
             tls_first: true,
+            cli_v1: false,
         }
     }
 }
@@ -233,6 +240,9 @@ pub struct Fleet {
     pub signing_key: Option<PathBuf>,
     /// The next signing key the hub holds during a rotation (`--next-signing-key`).
     pub next_signing_key: Option<PathBuf>,
+    /// The `outpost-hub` this fleet runs (PKI, enrolment, daemon, CLI): the current
+    /// build, or a released one ([`compat`]).
+    hub_program: PathBuf,
 }
 
 impl Fleet {
@@ -280,8 +290,23 @@ impl Fleet {
         Fleet::start_inner(&[], None).await
     }
 
+    /// A fleet whose control side (PKI, broker config, enrolment, hub daemon and
+    /// operator CLI) is a released `outpost-hub`, as before an upgrade: for the
+    /// mixed-version tests. Use [`Fleet::cli`] to operate it; the typed helpers
+    /// ([`Fleet::nodes`], [`Fleet::send`], ...) speak the current API only.
+    pub async fn start_released(hub: &Path) -> Result<Fleet> {
+        Fleet::start_program(&[], Some("info"), hub.to_path_buf()).await
+    }
+
     async fn start_inner(extra: &[&str], hub_log: Option<&'static str>) -> Result<Fleet> {
-        let hub = bin("outpost-hub");
+        Fleet::start_program(extra, hub_log, bin("outpost-hub")).await
+    }
+
+    async fn start_program(
+        extra: &[&str],
+        hub_log: Option<&'static str>,
+        hub: PathBuf,
+    ) -> Result<Fleet> {
         // OUTPOST_KEEP_TEST_DIRS=1 keeps each fleet's logs and state for a post-mortem.
         let keep = std::env::var_os("OUTPOST_KEEP_TEST_DIRS").is_some();
         let dir = tempfile::Builder::new()
@@ -322,6 +347,7 @@ impl Fleet {
             units_file: None,
             signing_key: None,
             next_signing_key: None,
+            hub_program: hub,
         };
         f.start_nats().await?;
         f.connect_client().await?;
@@ -354,7 +380,7 @@ impl Fleet {
 
     /// Start the hub and wait until it answers the API.
     pub async fn start_hub(&mut self) -> Result<()> {
-        let mut cmd = Command::new(bin("outpost-hub"));
+        let mut cmd = Command::new(&self.hub_program);
         cmd.arg("serve")
             .args(["--nats-url", &self.url()])
             .arg("--ca-file")
@@ -384,6 +410,13 @@ impl Fleet {
             .path()
             .join(format!("hub-{}.log", self.hub_restarts));
         self.hub = Some(Proc::spawn("outpost-hub", cmd, log)?);
+        if self.hub_program != bin("outpost-hub") {
+            // A released hub speaks its own API: ask it with its own CLI.
+            return eventually("the hub to answer", Duration::from_secs(30), || async {
+                self.cli(&["nodes"]).status.success().then_some(())
+            })
+            .await;
+        }
         let client = self.client().await?;
         let subjects = self.subjects.clone();
         eventually("the hub to answer", Duration::from_secs(30), || {
@@ -478,8 +511,10 @@ impl Fleet {
             .arg("--nkey-file")
             .arg(self.bundle(node).join("node.nk"))
             .args(["--hello-interval", &o.hello_interval_s.to_string()])
-            .args(["--tls-first", if o.tls_first { "true" } else { "false" }])
             .env("RUST_LOG", "info,outpost_edge=debug,async_nats=warn");
+        if !o.cli_v1 {
+            cmd.args(["--tls-first", if o.tls_first { "true" } else { "false" }]);
+        }
         for l in &o.labels {
             cmd.args(["--label", l]);
         }
@@ -693,7 +728,7 @@ impl Fleet {
 
     /// Run the operator CLI with this fleet's connection settings.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("outpost-hub"))
+        Command::new(&self.hub_program)
             .args(args)
             .env("OUTPOST_NATS_URL", self.url())
             .env("OUTPOST_CA_FILE", self.ca())
