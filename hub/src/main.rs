@@ -578,8 +578,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             cli::nodes_paged(&client, &subjects, &filter, |p| {
                 use std::io::Write;
                 let _ = out.write_all(cli::nodes_table(&p.nodes, first).as_bytes());
+                if first {
+                    matched = p.matched;
+                }
                 first = false;
-                matched = p.matched;
             })
             .await?;
             if matched == 0 {

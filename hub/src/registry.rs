@@ -509,7 +509,16 @@ impl Registry {
             bytes += approx_bytes(&v);
             nodes.push(v);
         }
-        let matched = inner.units.iter().filter(|(n, u)| matches(n, u)).count() as u32;
+        // Counting is a pass over every unit: made once, for the first page, so a
+        // whole list stays linear in the fleet (and free without a filter).
+        let unfiltered = req.name.is_empty() && selector.is_empty() && req.online.is_none();
+        let matched = if unfiltered {
+            inner.units.len() as u32
+        } else if req.after.is_empty() {
+            inner.units.iter().filter(|(n, u)| matches(n, u)).count() as u32
+        } else {
+            0
+        };
         NodesPage {
             nodes,
             next,
@@ -715,6 +724,13 @@ mod tests {
         loop {
             let p = r.page(&req, &Selector::default(), |_| 0, 1000);
             assert_eq!(p.matched, 1234);
+            // With a filter, counted on the first page only.
+            let online = NodesRequest {
+                online: Some(true),
+                ..req.clone()
+            };
+            let counted = r.page(&online, &Selector::default(), |_| 0, 1000).matched;
+            assert_eq!(counted, if req.after.is_empty() { 1234 } else { 0 });
             all.extend(p.nodes.into_iter().map(|n| n.name));
             match p.next {
                 Some(n) => req.after = n,

@@ -6,6 +6,7 @@
 //! docs/benchmarks.md (or --out).
 
 mod floor;
+mod scale;
 mod sim;
 mod wire_size;
 
@@ -38,7 +39,9 @@ impl Opts {
 }
 
 /// What `--only` may name.
-const SECTIONS: [&str; 6] = ["wire", "floor", "seq", "pipe", "fan", "agent"];
+const SECTIONS: [&str; 8] = [
+    "wire", "floor", "seq", "pipe", "fan", "start", "views", "agent",
+];
 
 fn opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -752,7 +755,24 @@ async fn main() -> Result<()> {
     }
     drop(f);
 
-    // 5. Agent footprint: a real native agent.
+    // 5. The hub at scale, each on a fleet of its own: start with a million finished
+    // commands, and the views at 100,000 units.
+    if o.runs("start") {
+        let mut f = Fleet::start_production_logging().await?;
+        sim::prepare(&mut f).await?;
+        let op = sim::connect(&f).await?;
+        let n = if o.quick { 100_000 } else { 1_000_000 };
+        scale::history(&mut f, &op, &mut r, n).await?;
+    }
+    if o.runs("views") {
+        let mut f = Fleet::start_production_logging().await?;
+        sim::prepare(&mut f).await?;
+        let op = sim::connect(&f).await?;
+        let large = if o.quick { 10_000 } else { 100_000 };
+        scale::fleet(&mut f, &op, &mut r, 1_000, large).await?;
+    }
+
+    // 6. Agent footprint: a real native agent.
     if o.runs("agent") {
         let mut f = Fleet::start_production_logging().await?;
         // The firmware build (static musl, release-edge) when `cargo xtask bench` could

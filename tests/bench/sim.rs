@@ -24,7 +24,7 @@ use outpost_wire::{
     Ack, AckKind, Hello, Outcome, PROTOCOL, Receipt, Status, V1_METHODS, decode, encode, now_ms,
 };
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 struct Unit {
@@ -49,13 +49,14 @@ impl Drop for Sim {
     }
 }
 
-static IDENTITY: OnceLock<PathBuf> = OnceLock::new();
+/// The bench identity's seed file of the fleet [`prepare`] was last called on.
+static IDENTITY: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 /// Give the fleet the bench's identity (publish and subscribe anything) and point the
 /// hub at an enrolment list the bench writes. Call once, before [`connect`].
 pub async fn prepare(f: &mut Fleet) -> Result<()> {
     let seed = f.add_identity("bench", &[">"], &[">"]).await?;
-    let _ = IDENTITY.set(seed);
+    *IDENTITY.lock().expect("identity") = Some(seed);
     enroll(f, &[]).await
 }
 
@@ -90,7 +91,12 @@ pub async fn enroll(f: &mut Fleet, names: &[String]) -> Result<()> {
 
 /// A connection with the bench identity.
 pub async fn connect(f: &Fleet) -> Result<Client> {
-    let seed = std::fs::read_to_string(IDENTITY.get().context("sim::prepare first")?)?;
+    let path = IDENTITY
+        .lock()
+        .expect("identity")
+        .clone()
+        .context("sim::prepare first")?;
+    let seed = std::fs::read_to_string(path)?;
     Ok(ConnectOptions::with_nkey(seed.trim().to_string())
         .add_root_certificates(f.ca())
         .require_tls(true)
@@ -262,4 +268,37 @@ async fn serve(
             }
         }
     }
+}
+
+/// Idle units: those of `range` named `<prefix>-<i>`, enrolled with realistic labels, `per_conn`
+/// to a connection, each saying one hello as a Raspberry Pi's agent does (os, kernel,
+/// methods) and then nothing. For what the hub keeps per unit and for its views:
+/// they run no intake, so they cannot take commands.
+pub struct Idle {
+    _clients: Vec<Client>,
+}
+
+pub async fn idle(
+    f: &mut Fleet,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    per_conn: usize,
+) -> Result<Idle> {
+    let names: Vec<String> = range.map(|i| format!("{prefix}-{i:06}")).collect();
+    enroll(f, &names).await?;
+    let subjects = Subjects::default();
+    let mut clients = vec![];
+    for chunk in names.chunks(per_conn) {
+        let client = connect(f).await?;
+        for name in chunk {
+            let mut h = hello(3600);
+            h.labels = vec![("site".into(), "harbour".into())];
+            client
+                .publish(subjects.hello(name), Bytes::from(encode(&h)))
+                .await?;
+        }
+        client.flush().await?;
+        clients.push(client);
+    }
+    Ok(Idle { _clients: clients })
 }

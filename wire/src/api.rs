@@ -80,7 +80,9 @@ pub struct NodesPage {
     pub nodes: Vec<NodeView>,
     /// Pass as `after` for the next page; `None` on the last page.
     pub next: Option<String>,
-    /// Units that match the filter in all (every page).
+    /// Units that match the filter in all (every page). With a filter (name, selector
+    /// or online) it is counted for the first page only (empty `after`) and 0 on the
+    /// pages after it: counting is a pass over the whole fleet.
     pub matched: u32,
 }
 

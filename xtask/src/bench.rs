@@ -13,7 +13,7 @@ pub struct Args {
     /// Where to write the table.
     #[arg(long, default_value = "docs/benchmarks.md")]
     pub out: String,
-    /// Run these sections only, comma-separated: wire, floor, seq, pipe, fan, agent
+    /// Run these sections only, comma-separated: wire, floor, seq, pipe, fan, start, views, agent
     /// (for profiling; the table then holds only their rows).
     #[arg(long, value_name = "SECTIONS")]
     pub only: Option<String>,
