@@ -377,18 +377,20 @@ impl Ledger {
             }
             return Ok(Applied::Ignored(Ignored::Final, state));
         }
+        // The final record is durable: the operator may hear of it now (ADR 0008);
+        // the rest is bookkeeping that a restart redoes.
+        self.open.lock().expect("open lock").remove(&id);
+        self.publish(&record).await;
         // The last outcome before the purge: a hub that dies in between finds the
         // command still open at its next start, and in history, and writes it then.
         if let Some(last) = last_of(&record) {
             self.record_last(last_key(&record.node, &record.method, &record.domain), last)
                 .await;
         }
-        self.open.lock().expect("open lock").remove(&id);
         if let Err(e) = self.store.purge_open(&id).await {
             // The next start finds it in history and purges it then.
             warn!(command = %id, error = %e, "cannot purge a finished command from open");
         }
-        self.publish(&record).await;
         Ok(Applied::Changed(Box::new(record)))
     }
 

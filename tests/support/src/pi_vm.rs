@@ -54,13 +54,14 @@ impl PiVm {
         ensure!(st.success(), "qemu-img create failed");
         let ssh_port = crate::free_port();
         let mut cmd = Command::new("qemu-system-aarch64");
-        // `max` with the cheap pointer-auth algorithm: aarch64 like a Pi 3/4/5 to every
+        // `max` without pointer authentication and SVE, which no Pi 3/4 core has
+        // (emulating them costs on every kernel entry): aarch64 like a Pi to every
         // program, and about a third faster under TCG than cortex-a53.
         cmd.args([
             "-M",
             "virt",
             "-cpu",
-            "max,pauth-impdef=on",
+            "max,pauth=off,sve=off",
             "-smp",
             "1",
             "-m",
