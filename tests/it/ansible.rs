@@ -205,8 +205,11 @@ impl Deploy {
             .env("ANSIBLE_NOCOLOR", "1")
             .env("ANSIBLE_FORCE_COLOR", "0");
         if mitogen {
+            // Mitogen decides host key checking from Ansible's setting, not from the
+            // inventory's `-o StrictHostKeyChecking=no` (fresh VMs, new keys each run).
             cmd.env("ANSIBLE_STRATEGY_PLUGINS", self.p.mitogen_strategies())
-                .env("ANSIBLE_STRATEGY", "mitogen_linear");
+                .env("ANSIBLE_STRATEGY", "mitogen_linear")
+                .env("ANSIBLE_HOST_KEY_CHECKING", "False");
         }
         let t0 = Instant::now();
         let mut proc = Proc::spawn("ansible-playbook", cmd, log.clone())?;
