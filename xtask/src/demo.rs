@@ -210,6 +210,15 @@ pub fn tour(keep: bool, with_arm: bool) -> Result<()> {
     .status()?;
     println!("(outpost-hub send exited with {})", st.code().unwrap_or(-1));
     println!("\n== a command for a unit that is offline: queued, delivered when it connects");
+    // Enrolled, never connected (its agent is not started): the hub queues for it. A
+    // name nobody enrolled would be refused at once, with the nearest names.
+    run(Command::new(&hub)
+        .args(["enroll", "--pki"])
+        .arg(&pki)
+        .arg("buoy-1")
+        .arg("--install-dir")
+        .arg(pki.join("bundles").join("buoy-1"))
+        .stdout(std::process::Stdio::null()))?;
     run(&mut op(&[
         "send",
         "--to",

@@ -239,6 +239,9 @@ fn ci_stages(s: &mut stages::Stages) -> Result<()> {
     s.run("build the binaries", || {
         run(cargo().args(["build", "--workspace", "--bins"]))
     })?;
+    // The README's first command, as a new user runs it (with the aarch64 unit, whose
+    // agent the cross stage built): a broken tour fails CI, not the first user.
+    s.run("demo (the README's tour)", || demo::tour(false, true))?;
     let t = std::time::Instant::now();
     let mut test = cargo();
     test.args(["test", "--workspace", "--no-fail-fast"]);
