@@ -75,16 +75,14 @@ pub async fn history(f: &mut Fleet, op: &Client, r: &mut Report, n: usize) -> Re
         })
         .await;
     let fill = t.elapsed();
+    let size = encode(&template).len();
     let mut stream = js.get_stream(format!("KV_{}-history", s.prefix())).await?;
     let stored = stream.info().await?.state.messages;
     ensure!(
         stored as usize > n,
         "history holds {stored} records, want {n}"
     );
-    println!(
-        "history: {n} records ({} bytes each) written in {fill:.1?}",
-        encode(&template).len()
-    );
+    println!("history: {n} records ({size} bytes each) written in {fill:.1?}");
 
     let (t1, rss1) = hub_start(f, 5).await?;
     r.row(
@@ -102,8 +100,7 @@ pub async fn history(f: &mut Fleet, op: &Client, r: &mut Report, n: usize) -> Re
         "",
     );
     r.notes.push(format!(
-        "hub start: from spawning `outpost-hub serve` until it answers a `nodes` call (polled every 50 ms), median of 5 restarts; {n} finished records of {} bytes (copies of a real one under new ids) put in `<p>-history` in {fill:.1?} before the second set; a start reads `open` and `nodes` only (ADR 0011)",
-        encode(&template).len()
+        "hub start: from spawning `outpost-hub serve` until it answers a `nodes` call (polled every 50 ms), median of 5 restarts; {n} finished records of {size} bytes (copies of a real one under new ids) put in `<p>-history` in {fill:.1?} before the second set; a start reads `open` and `nodes` only (ADR 0011)"
     ));
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! the current hub and agent, each way round, on a real nats-server with TLS.
 
 use outpost_tests::compat::{self, PROTOCOL_1};
-use outpost_tests::{AgentOpts, Fleet};
+use outpost_tests::{AgentOpts, Fleet, check_on};
 use outpost_wire::api::CmdState;
 use outpost_wire::{FileRead, FileWrite, Method, V1_METHODS};
 use std::time::Duration;
@@ -15,15 +15,20 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Run `body` on `f`; on failure, panic with every log the fleet wrote.
-async fn with_logs<Fut>(f: Fleet, body: impl FnOnce(Fleet) -> Fut)
-where
-    Fut: Future<Output = (Fleet, anyhow::Result<()>)>,
-{
-    let (f, r) = body(f).await;
-    if let Err(e) = r {
-        panic!("{e:#}\n\n{}", f.logs());
-    }
+/// `exec` through the CLI: its output passes through.
+fn says_hello(f: &Fleet, unit: &str, tag: &str) {
+    let o = f.cli(&[
+        "send",
+        "--to",
+        unit,
+        "--",
+        "sh",
+        "-c",
+        "echo hello from $0",
+        tag,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), format!("hello from {tag}\n"));
 }
 
 fn released() -> compat::Release {
@@ -34,7 +39,7 @@ fn released() -> compat::Release {
 async fn a_version_1_agent_obeys_the_current_hub() {
     let old = tokio::task::spawn_blocking(released).await.unwrap();
     let f = Fleet::start().await.expect("fleet starts");
-    with_logs(f, |mut f| async move {
+    check_on(f, |mut f| async move {
         let r = async {
             let o = AgentOpts {
                 wrapper: Some(vec![old.edge.display().to_string()]),
@@ -48,18 +53,7 @@ async fn a_version_1_agent_obeys_the_current_hub() {
             assert_eq!(view.methods, V1_METHODS.to_vec(), "{view:?}");
 
             // exec through the CLI: output and exit code pass through.
-            let o = f.cli(&[
-                "send",
-                "--to",
-                "v1-unit",
-                "--",
-                "sh",
-                "-c",
-                "echo hello from $0",
-                "v1",
-            ]);
-            assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-            assert_eq!(text(&o.stdout), "hello from v1\n");
+            says_hello(&f, "v1-unit", "v1");
             let o = f.cli(&["send", "--to", "v1-unit", "--", "sh", "-c", "exit 3"]);
             assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
 
@@ -134,7 +128,7 @@ async fn the_current_agent_obeys_a_version_1_hub() {
     // The whole control side is the release's: PKI, broker config, enrolment, hub,
     // CLI, as a fleet has them before its hub is upgraded (or after a rollback).
     let f = Fleet::start_released(&old.hub).await.expect("fleet starts");
-    with_logs(f, |mut f| async move {
+    check_on(f, |mut f| async move {
         let r = async {
             // The release's broker config does not start TLS first.
             f.spawn_agent(
@@ -153,18 +147,7 @@ async fn the_current_agent_obeys_a_version_1_hub() {
                 text(&o.stderr)
             );
 
-            let o = f.cli(&[
-                "send",
-                "--to",
-                "v2-unit",
-                "--",
-                "sh",
-                "-c",
-                "echo hello from $0",
-                "v2",
-            ]);
-            assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-            assert_eq!(text(&o.stdout), "hello from v2\n");
+            says_hello(&f, "v2-unit", "v2");
             let o = f.cli(&[
                 "send",
                 "--to",

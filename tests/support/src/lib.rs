@@ -772,7 +772,15 @@ where
     F: FnOnce(Fleet) -> Fut,
     Fut: Future<Output = (Fleet, Result<()>)>,
 {
-    let fleet = Fleet::start().await.expect("fleet starts");
+    check_on(Fleet::start().await.expect("fleet starts"), scenario).await
+}
+
+/// [`check`] on a fleet the caller started (e.g. [`Fleet::start_released`]).
+pub async fn check_on<F, Fut>(fleet: Fleet, scenario: F)
+where
+    F: FnOnce(Fleet) -> Fut,
+    Fut: Future<Output = (Fleet, Result<()>)>,
+{
     let (fleet, r) = scenario(fleet).await;
     if let Err(e) = r {
         panic!("{e:#}\n\n{}", fleet.logs());

@@ -51,15 +51,14 @@ impl MemoryLimit {
         ]
     }
 
+    /// A control file: `v2` under cgroup v2, `v1` under v1.
+    fn read(&self, v2: &str, v1: &str) -> Option<String> {
+        std::fs::read_to_string(self.dir.join(if self.v2 { v2 } else { v1 })).ok()
+    }
+
     /// How many times the kernel OOM-killed a process in it.
     pub fn oom_kills(&self) -> u64 {
-        let file = if self.v2 {
-            "memory.events"
-        } else {
-            "memory.oom_control"
-        };
-        std::fs::read_to_string(self.dir.join(file))
-            .ok()
+        self.read("memory.events", "memory.oom_control")
             .and_then(|s| {
                 s.lines()
                     .find_map(|l| l.strip_prefix("oom_kill "))
@@ -70,13 +69,7 @@ impl MemoryLimit {
 
     /// The peak charge (page cache included), where the kernel keeps one.
     pub fn peak_bytes(&self) -> Option<u64> {
-        let file = if self.v2 {
-            "memory.peak"
-        } else {
-            "memory.max_usage_in_bytes"
-        };
-        std::fs::read_to_string(self.dir.join(file))
-            .ok()
+        self.read("memory.peak", "memory.max_usage_in_bytes")
             .and_then(|s| s.trim().parse().ok())
     }
 }
