@@ -193,17 +193,18 @@ impl Ledger {
     }
 
     /// Persist a new command. Idempotent: a retried request with the same id gets the
-    /// first one's record (the store's `create` refuses an existing id).
+    /// first one's record, open or final. A new id costs one write: `open` refuses a
+    /// key that holds the command or, for an hour after it finished, its purge marker
+    /// (then history has it). Only an id outside that hour (a retry much later, or a
+    /// client clock far off) is looked up in history first.
     pub async fn create(&self, c: StoredCommand) -> Result<Created, StoreError> {
         let id = c.record.id;
+        if !marker_covers(&id, outpost_wire::now_ms())
+            && let Some(done) = self.store.get_final(&id).await?
+        {
+            return Ok(Created::Exists(done.record));
+        }
         match self.store.create_open(&c).await? {
-            // A finished command's open key is purged, so `create` succeeds again for
-            // a retry that comes after the finish: history (written before the purge)
-            // says so, and the retry gets the final record instead of a second run.
-            Some(_) if let Some(done) = self.store.get_final(&id).await? => {
-                self.store.purge_open(&id).await?;
-                Ok(Created::Exists(done.record))
-            }
             Some(rev) => {
                 let record = c.record.clone();
                 self.open.lock().expect("open lock").insert(Entry {
@@ -217,7 +218,7 @@ impl Ledger {
             None => match self.record(&id).await? {
                 Some(r) => Ok(Created::Exists(r)),
                 None => Err(StoreError::Kv(format!(
-                    "command {id} vanished while being created"
+                    "command id {id} belongs to a command that finished and is no longer in history: send with a new id"
                 ))),
             },
         }
@@ -231,6 +232,17 @@ impl Ledger {
             .by_id
             .get(id)
             .map(|e| e.cmd.clone())
+    }
+
+    /// The encoded size of an open command (what its final record must make room
+    /// for), without copying it.
+    pub fn command_bytes(&self, id: &MsgId) -> Option<usize> {
+        self.open
+            .lock()
+            .expect("open lock")
+            .by_id
+            .get(id)
+            .map(|e| outpost_wire::encode(&e.cmd.command).len())
     }
 
     /// A command's record: open (as this hub knows it), else from history.
@@ -557,7 +569,41 @@ fn last_of(r: &CommandRecord) -> Option<LastOutcome> {
     })
 }
 
+/// Whether a command with this id, had it finished, would still have its purge
+/// marker in `open`: ids are made at send time, so one issued within the marker's
+/// TTL (half of it, for clock differences between the operator and the hub), and not
+/// from the future by more than that margin.
+fn marker_covers(id: &MsgId, now: u64) -> bool {
+    let margin = crate::store::OPEN_MARKER_TTL.as_millis() as u64 / 2;
+    let at = id.millis();
+    at + margin >= now && at <= now + margin
+}
+
 /// Whether the ledger's record says a delivery task should still send it.
 pub fn wants_delivery(r: &CommandRecord) -> bool {
     machine::wants_delivery(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An id stamped `ms` (`MsgId::new` never goes back in time within a process).
+    fn id_at(ms: u64) -> MsgId {
+        let mut b = [7u8; 16];
+        b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        MsgId(b)
+    }
+
+    #[test]
+    fn only_ids_of_the_last_half_hour_skip_the_history_lookup() {
+        let now = 1_800_000_000_000;
+        let minute = 60_000;
+        assert!(marker_covers(&id_at(now), now));
+        assert!(marker_covers(&id_at(now - 29 * minute), now));
+        assert!(marker_covers(&id_at(now + 29 * minute), now));
+        assert!(!marker_covers(&id_at(now - 31 * minute), now));
+        assert!(!marker_covers(&id_at(now + 31 * minute), now));
+        assert!(!marker_covers(&id_at(0), now));
+    }
 }

@@ -14,7 +14,7 @@ use crate::machine::Event;
 use crate::serve::Hub;
 use async_nats::Message;
 use bytes::Bytes;
-use outpost_wire::api::{CmdState, StoredCommand};
+use outpost_wire::api::CmdState;
 use outpost_wire::limits::{MAX_COMMAND, MAX_LOG_MESSAGE, truncate};
 use outpost_wire::subject::{is_in_inbox, kind, unit_inbox};
 use outpost_wire::{
@@ -80,10 +80,8 @@ async fn on_outcome(hub: &Hub, node: &str, payload: &[u8], reply: Option<async_n
     o.status = o.status.bounded();
     let command_bytes = hub
         .ledger
-        .cached(&id)
-        .map_or(MAX_COMMAND as usize, |c: StoredCommand| {
-            outpost_wire::encode(&c.command).len()
-        });
+        .command_bytes(&id)
+        .unwrap_or(MAX_COMMAND as usize);
     fit(&mut o, command_bytes);
     let r = hub
         .ledger

@@ -193,7 +193,9 @@ where
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let fut = handle(m);
+        // Boxed: a handler's future is several KiB (an outcome's path through the
+        // ledger and store), and the task would copy it on spawn and again on exit.
+        let fut = Box::pin(handle(m));
         tokio::spawn(async move {
             fut.await;
             drop(permit);

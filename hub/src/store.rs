@@ -299,9 +299,20 @@ impl Store {
         Ok(())
     }
 
-    /// Persist a new command; `Ok(None)` when the id exists already.
+    /// Persist a new command; `Ok(None)` when the key has any message: the command
+    /// is open, or finished within the purge marker's TTL (the marker counts, unlike
+    /// in `kv::Store::create`, which writes over a marker after reading it). One
+    /// write, no read, for a new id.
     pub async fn create_open(&self, c: &StoredCommand) -> Result<Option<u64>, StoreError> {
-        create_new(&self.open, &c.record.id.to_string(), Bytes::from(encode(c))).await
+        match self
+            .open
+            .update(c.record.id.to_string(), Bytes::from(encode(c)), 0)
+            .await
+        {
+            Ok(rev) => Ok(Some(rev)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(kv_err(e)),
+        }
     }
 
     pub async fn update_open(&self, c: &StoredCommand, revision: u64) -> Result<Cas, StoreError> {

@@ -8,6 +8,7 @@
 mod floor;
 mod scale;
 mod sim;
+mod store_ops;
 mod wire_size;
 
 use anyhow::{Context, Result};
@@ -39,8 +40,8 @@ impl Opts {
 }
 
 /// What `--only` may name.
-const SECTIONS: [&str; 8] = [
-    "wire", "floor", "seq", "pipe", "fan", "start", "views", "agent",
+const SECTIONS: [&str; 9] = [
+    "wire", "floor", "store", "seq", "pipe", "fan", "start", "views", "agent",
 ];
 
 fn opts() -> Result<Opts> {
@@ -474,6 +475,36 @@ async fn main() -> Result<()> {
     let a = sim::connect(&f).await?;
     let b = sim::connect(&f).await?;
     let op = sim::connect(&f).await?;
+
+    if o.runs("store") {
+        use store_ops::Scheme;
+        let n = if o.quick { 5_000 } else { 20_000 };
+        let (put_us, put_rate) = store_ops::measure(&a, nats_pid, Scheme::Put, n, "put").await?;
+        for (what, scheme, tag) in [
+            ("create + update (version 1)", Scheme::CreateUpdate, "cu"),
+            (
+                "open create + history create + open purge",
+                Scheme::OpenHistory,
+                "oh",
+            ),
+        ] {
+            let (us, rate) = store_ops::measure(&a, nats_pid, scheme, n, tag).await?;
+            r.row(
+                &format!("store per command, {what}: broker CPU"),
+                format!("{us:.0} µs"),
+                format!("{put_us:.0} µs put"),
+                format!("{:.2}×", us / put_us),
+                "",
+            );
+            r.row(
+                &format!("store per command, {what}: per second"),
+                format!("{rate:.0}/s"),
+                format!("{put_rate:.0}/s put"),
+                format!("{:.2}×", rate / put_rate),
+                "",
+            );
+        }
+    }
 
     // 2. Round trip, sequential.
     if o.runs("seq") {

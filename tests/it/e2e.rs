@@ -455,13 +455,34 @@ async fn a_retried_send_queues_the_command_once() {
         assert_eq!((first.id, first.issued_at), (again.id, again.issued_at));
         f.start_agent("pi-1", &AgentOpts::default()).await?;
         assert_eq!(f.wait_final(req.id, T).await?.state, CmdState::Succeeded);
-        let third = outpost_hub::cli::send(&c, &f.subjects, req, false, false).await?;
+        let third = outpost_hub::cli::send(&c, &f.subjects, req.clone(), false, false).await?;
         assert_eq!(
             third.state,
             CmdState::Succeeded,
             "a late retry returns the final record"
         );
         assert_eq!(std::fs::read_to_string(&effect)?, "x\n");
+
+        // An id made two hours ago (an operator clock that is behind): the hub looks it
+        // up in history before creating it, and a retry after the finish still finds
+        // the final record.
+        let mut old = req.clone();
+        old.id = {
+            // Built by hand: `MsgId::new` never goes back in time within a process.
+            let mut b = MsgId::new(now_ms()).0;
+            b[..6].copy_from_slice(&(now_ms() - 2 * 3_600_000).to_be_bytes()[2..]);
+            MsgId(b)
+        };
+        old.method = Method::Exec(Exec {
+            argv: append_argv(&effect, "y"),
+            env: vec![],
+            cwd: None,
+        });
+        outpost_hub::cli::send(&c, &f.subjects, old.clone(), false, false).await?;
+        assert_eq!(f.wait_final(old.id, T).await?.state, CmdState::Succeeded);
+        let late = outpost_hub::cli::send(&c, &f.subjects, old, false, false).await?;
+        assert_eq!(late.state, CmdState::Succeeded);
+        assert_eq!(std::fs::read_to_string(&effect)?, "x\ny\n");
         Ok(())
     });
 }
