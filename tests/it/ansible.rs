@@ -53,6 +53,11 @@ struct Prep {
     arm: PathBuf,
     upgrade_edge: PathBuf,
     upgrade_version: String,
+    /// `cargo xtask package`'s directory, and the Debian versions of the arm64 agent
+    /// package of this build and of the upgrade build: pi1 installs from them.
+    debs: PathBuf,
+    first_deb: String,
+    upgrade_deb: String,
 }
 
 impl Prep {
@@ -69,6 +74,28 @@ impl Prep {
                 .unwrap_or_default()
                 .trim()
                 .to_string(),
+            debs: t.join("debian"),
+            first_deb: String::new(),
+            upgrade_deb: String::new(),
+        };
+        if p.upgrade_version.is_empty() {
+            return Err("arm-upgrade/version is missing: run `cargo xtask ansible-prep`".into());
+        }
+        let deb = |version: &str| {
+            pi_vm::deb_for(&p.debs, "outpost-edge", version, "arm64")
+                .and_then(|f| pi_vm::deb_version(&f))
+                .ok_or_else(|| {
+                    format!(
+                        "no outpost-edge {version} arm64 package in {}/packages.tsv: run `cargo xtask package` (and `--version {version} --arch arm64 --edge-only`)",
+                        p.debs.display()
+                    )
+                })
+        };
+        let (first_deb, upgrade_deb) = (deb(env!("CARGO_PKG_VERSION"))?, deb(&p.upgrade_version)?);
+        let p = Prep {
+            first_deb,
+            upgrade_deb,
+            ..p
         };
         let needed = [
             p.venv_bin.join("ansible-playbook"),
@@ -90,9 +117,6 @@ impl Prep {
                     f.display()
                 ));
             }
-        }
-        if p.upgrade_version.is_empty() {
-            return Err("arm-upgrade/version is missing: run `cargo xtask ansible-prep`".into());
         }
         for tool in pi_vm::HOST_TOOLS {
             if which(tool).is_none() {
@@ -309,7 +333,9 @@ impl Deploy {
     }
 }
 
-fn write_inventory(d: &Deploy, vms: &[&PiVm; 2], bins: &Path) -> Result<()> {
+/// hub1 gets the agent as a binary (`bins`), pi1 from its Debian package of version
+/// `deb` (the edge role's two ways).
+fn write_inventory(d: &Deploy, vms: &[&PiVm; 2], bins: &Path, deb: &str) -> Result<()> {
     let key = d.p.image.join("id_ed25519");
     let text = format!(
         r#"# written by tests/it/ansible.rs
@@ -344,12 +370,16 @@ all:
           outpost_labels: {{site: shore, role: hub}}
         pi1:
           outpost_labels: {{site: ship}}
+          edge_install: deb
+          edge_packages_dir: {debs}
+          edge_deb_version: "{deb}"
 "#,
         hub_cli = bin("outpost-hub").display(),
         bins = bins.display(),
         key = key.display(),
         hub_port = vms[0].ssh_port,
         pi_port = vms[1].ssh_port,
+        debs = d.p.debs.display(),
     );
     std::fs::write(&d.inventory, text)?;
     Ok(())
@@ -413,7 +443,8 @@ fn deploy(p: Prep) -> Result<()> {
         nats_port,
         runs: 0,
     };
-    write_inventory(&d, &[&hub, &pi], &v1)?;
+    let (first_deb, upgrade_deb) = (d.p.first_deb.clone(), d.p.upgrade_deb.clone());
+    write_inventory(&d, &[&hub, &pi], &v1, &first_deb)?;
 
     // 1. From nothing to a fleet.
     let run = d.playbook(&[])?;
@@ -444,6 +475,29 @@ fn deploy(p: Prep) -> Result<()> {
         code == 0 && out.trim() == "raspberrypi",
         "hub1 uname -n: {code} {out:?}"
     );
+    // pi1's agent came from its package, hub1's as a binary.
+    let installed = |vm: &PiVm| {
+        vm.ssh("dpkg-query -W -f '${Version}' outpost-edge")
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    ensure!(
+        installed(&pi)? == first_deb,
+        "pi1's outpost-edge package: {:?}, not {first_deb}",
+        installed(&pi)?
+    );
+    // The package's unit (in /usr/lib, or /lib as merged-/usr systems may say), not
+    // a copy in /etc that would hide it.
+    let unit = pi.sh("systemctl show -p FragmentPath outpost-edge")?;
+    ensure!(
+        unit.trim()
+            .ends_with("lib/systemd/system/outpost-edge.service"),
+        "pi1 does not run the package's unit: {unit:?}"
+    );
+    ensure!(
+        installed(&hub)?.is_empty(),
+        "hub1 has an outpost-edge package: {:?}",
+        installed(&hub)?
+    );
     // The allow-list from the inventory is what the unit enforces.
     let (code, _) = d.exec("pi1", &["id"])?;
     ensure!(
@@ -468,7 +522,7 @@ fn deploy(p: Prep) -> Result<()> {
 
     // 3. A new agent build, one unit per batch.
     let before: Vec<NodeView> = d.nodes()?;
-    write_inventory(&d, &[&hub, &pi], &v2)?;
+    write_inventory(&d, &[&hub, &pi], &v2, &upgrade_deb)?;
     let run = d.playbook_mitogen(&["--tags", "edge", "-e", "outpost_edge_serial=1"])?;
     let new = d.p.upgrade_version.clone();
     for host in ["hub1", "pi1"] {
@@ -510,6 +564,11 @@ fn deploy(p: Prep) -> Result<()> {
     ensure!(
         code == 0 && out.trim() == "aarch64",
         "after the upgrade: {code} {out:?}"
+    );
+    ensure!(
+        installed(&pi)? == upgrade_deb,
+        "pi1's package after the upgrade: {:?}, not {upgrade_deb}",
+        installed(&pi)?
     );
     eprintln!(
         "ansible: deployed, converged, checked and upgraded in {:.0?} ({} playbook runs)",

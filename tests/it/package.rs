@@ -60,7 +60,7 @@ impl Prep {
             .map_err(|_| "arm-upgrade/version is missing: run `cargo xtask ansible-prep`")?;
         let debs = t.join("debian");
         let find = |version: &str| -> std::result::Result<(String, PathBuf), String> {
-            deb_for(&debs, "outpost-edge", version, "arm64")
+            pi_vm::deb_for(&debs, "outpost-edge", version, "arm64")
                 .map(|p| (version.to_string(), p))
                 .ok_or_else(|| {
                     format!(
@@ -83,18 +83,6 @@ impl Prep {
         }
         Ok(p)
     }
-}
-
-/// The package's file from `packages.tsv` (package, agent version, arch, file), which
-/// `cargo xtask package` keeps beside the packages.
-fn deb_for(dir: &Path, pkg: &str, version: &str, arch: &str) -> Option<PathBuf> {
-    let index = std::fs::read_to_string(dir.join("packages.tsv")).ok()?;
-    index.lines().find_map(|l| {
-        let f: Vec<&str> = l.split('\t').collect();
-        (f.len() == 4 && f[0] == pkg && f[1] == version && f[2] == arch)
-            .then(|| dir.join(f[3]))
-            .filter(|p| p.is_file())
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

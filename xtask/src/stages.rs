@@ -223,7 +223,24 @@ fn summary(r: &str) -> String {
             n != "0" && !c.starts_with("finished") && !c.contains("measured")
         })
         .collect();
+    if counts.is_empty() {
+        return format!("{verdict}: no tests");
+    }
     format!("{verdict}: {}", counts.join(", "))
+}
+
+/// The summary of the test binary that ran from `from` to `until`: its last result
+/// line. A test that runs the binary again as a child (to check something in a fresh
+/// process) prints the child's result line first.
+fn result_in(evs: &[(Instant, Event)], from: Instant, until: Instant) -> String {
+    evs.iter()
+        .filter(|(at, _)| *at >= from && *at <= until)
+        .filter_map(|(_, e)| match e {
+            Event::Result(r) => Some(summary(r)),
+            Event::Start(_) => None,
+        })
+        .last()
+        .unwrap_or_else(|| "no result line (crashed?)".into())
 }
 
 /// Run `cargo test ...` with its output passed through, and a row per test binary
@@ -291,14 +308,7 @@ pub fn cargo_test(stages: &mut Stages, mut cmd: Command) -> Result<()> {
     );
     for (i, (t, name)) in starts.iter().enumerate() {
         let until = starts.get(i + 1).map(|s| s.0).unwrap_or(end);
-        let result = evs
-            .iter()
-            .filter(|(at, _)| at >= t && *at <= until)
-            .find_map(|(_, e)| match e {
-                Event::Result(r) => Some(summary(r)),
-                Event::Start(_) => None,
-            })
-            .unwrap_or_else(|| "no result line (crashed?)".into());
+        let result = result_in(&evs, *t, until);
         stages.part(name.clone(), until - *t, result);
     }
     anyhow::ensure!(status.success(), "`cargo test` failed with {status}");
@@ -308,6 +318,38 @@ pub fn cargo_test(stages: &mut Stages, mut cmd: Command) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_binary_is_summed_up_by_its_last_result_line() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let evs = vec![
+            (at(0), Event::Start("unit outpost_edge".into())),
+            // A test that ran the binary again for one test, in a child process.
+            (
+                at(1),
+                Event::Result(
+                    "ok. 1 passed; 0 failed; 0 ignored; 0 measured; 60 filtered out; finished in 0.00s"
+                        .into(),
+                ),
+            ),
+            (
+                at(2),
+                Event::Result(
+                    "ok. 61 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 8.51s"
+                        .into(),
+                ),
+            ),
+        ];
+        assert_eq!(result_in(&evs, at(0), at(3)), "ok: 61 passed");
+        assert_eq!(result_in(&evs, at(3), at(4)), "no result line (crashed?)");
+        assert_eq!(
+            summary(
+                "ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s"
+            ),
+            "ok: no tests"
+        );
+    }
 
     #[test]
     fn reads_cargo_test_lines() {

@@ -159,3 +159,21 @@ impl PiVm {
         Ok(())
     }
 }
+
+/// The package's file from `packages.tsv` (package, agent version, arch, file), which
+/// `cargo xtask package` keeps beside the packages.
+pub fn deb_for(dir: &Path, pkg: &str, version: &str, arch: &str) -> Option<PathBuf> {
+    let index = std::fs::read_to_string(dir.join("packages.tsv")).ok()?;
+    index.lines().find_map(|l| {
+        let f: Vec<&str> = l.split('\t').collect();
+        (f.len() == 4 && f[0] == pkg && f[1] == version && f[2] == arch)
+            .then(|| dir.join(f[3]))
+            .filter(|p| p.is_file())
+    })
+}
+
+/// The Debian version in a package's file name (`outpost-edge_0.1.0-1_arm64.deb`).
+pub fn deb_version(deb: &Path) -> Option<String> {
+    let name = deb.file_name()?.to_str()?;
+    name.split('_').nth(1).map(str::to_string)
+}
