@@ -487,6 +487,11 @@ async fn main() -> Result<()> {
                 Scheme::OpenHistory,
                 "oh",
             ),
+            (
+                "the same, purge marker without TTL",
+                Scheme::OpenHistoryNoTtl,
+                "ohn",
+            ),
         ] {
             let (us, rate) = store_ops::measure(&a, nats_pid, scheme, n, tag).await?;
             r.row(

@@ -20,6 +20,9 @@ pub enum Scheme {
     CreateUpdate,
     /// `create` in open, `create` in history, `purge` in open (marker TTL 1 h).
     OpenHistory,
+    /// The same with a purge whose marker has no TTL (it stays: not what the hub
+    /// does, which would read every marker at start; measured to price the TTL).
+    OpenHistoryNoTtl,
 }
 
 fn config(name: &str) -> kv::Config {
@@ -42,7 +45,7 @@ pub async fn measure(
     let js = jetstream::new(c.clone());
     let a = js.create_key_value(config(&format!("ops-{tag}-a"))).await?;
     let mut open = config(&format!("ops-{tag}-b"));
-    if matches!(scheme, Scheme::OpenHistory) {
+    if matches!(scheme, Scheme::OpenHistory | Scheme::OpenHistoryNoTtl) {
         open.limit_markers = Some(Duration::from_secs(3600));
     }
     let b = js.create_key_value(open).await?;
@@ -66,6 +69,11 @@ pub async fn measure(
                         b.create(&key, v.clone()).await?;
                         a.create(&key, v).await?;
                         b.purge_with_ttl(&key, Duration::from_secs(3600)).await?;
+                    }
+                    Scheme::OpenHistoryNoTtl => {
+                        b.create(&key, v.clone()).await?;
+                        a.create(&key, v).await?;
+                        b.purge(&key).await?;
                     }
                 }
                 anyhow::Ok(())
