@@ -74,7 +74,12 @@ impl Tasks {
         self.0.spawn(task);
     }
 
+    fn abort_all(&mut self) {
+        self.0.abort_all();
+    }
+
     /// Tasks held: running, or finished since the last spawn.
+    #[cfg(test)]
     fn held(&self) -> usize {
         self.0.len()
     }
@@ -152,14 +157,9 @@ impl Delivery {
         self.queues.lock().expect("queues lock").len()
     }
 
-    /// Delivery tasks the hub holds (running, or finished and not yet reaped).
-    pub fn tasks_held(&self) -> usize {
-        self.tasks.lock().expect("tasks lock").held()
-    }
-
     /// Stop every delivery task (at shutdown).
     pub fn abort_all(&self) {
-        self.tasks.lock().expect("tasks lock").0.abort_all();
+        self.tasks.lock().expect("tasks lock").abort_all();
     }
 
     /// One unit's delivery task: until its queue is empty.

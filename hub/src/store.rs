@@ -304,15 +304,11 @@ impl Store {
     /// in `kv::Store::create`, which writes over a marker after reading it). One
     /// write, no read, for a new id.
     pub async fn create_open(&self, c: &StoredCommand) -> Result<Option<u64>, StoreError> {
-        match self
-            .open
-            .update(c.record.id.to_string(), Bytes::from(encode(c)), 0)
-            .await
-        {
-            Ok(rev) => Ok(Some(rev)),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
-            Err(e) => Err(kv_err(e)),
-        }
+        // Revision 0: the stream must hold no message for the key.
+        Ok(match self.update_open(c, 0).await? {
+            Cas::Done(rev) => Some(rev),
+            Cas::Conflict => None,
+        })
     }
 
     pub async fn update_open(&self, c: &StoredCommand, revision: u64) -> Result<Cas, StoreError> {

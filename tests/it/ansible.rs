@@ -63,6 +63,25 @@ struct Prep {
 impl Prep {
     fn find() -> std::result::Result<Prep, String> {
         let t = target_dir();
+        let upgrade_version = std::fs::read_to_string(t.join("arm-upgrade/version"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        if upgrade_version.is_empty() {
+            return Err("arm-upgrade/version is missing: run `cargo xtask ansible-prep`".into());
+        }
+        let debs = t.join("debian");
+        let deb = |version: &str| {
+            pi_vm::deb_for(&debs, "outpost-edge", version, "arm64")
+                .and_then(|f| pi_vm::deb_version(&f))
+                .ok_or_else(|| {
+                    format!(
+                        "no outpost-edge {version} arm64 package in {}/packages.tsv: run `cargo xtask package` (and `--version {version} --arch arm64 --edge-only`)",
+                        debs.display()
+                    )
+                })
+        };
+        let (first_deb, upgrade_deb) = (deb(env!("CARGO_PKG_VERSION"))?, deb(&upgrade_version)?);
         let p = Prep {
             venv_bin: t.join("ansible-venv/bin"),
             image: t.join("qemu/pi-arm64"),
@@ -70,32 +89,10 @@ impl Prep {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| t.join("arm")),
             upgrade_edge: t.join("arm-upgrade").join(TRIPLE).join("outpost-edge"),
-            upgrade_version: std::fs::read_to_string(t.join("arm-upgrade/version"))
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            debs: t.join("debian"),
-            first_deb: String::new(),
-            upgrade_deb: String::new(),
-        };
-        if p.upgrade_version.is_empty() {
-            return Err("arm-upgrade/version is missing: run `cargo xtask ansible-prep`".into());
-        }
-        let deb = |version: &str| {
-            pi_vm::deb_for(&p.debs, "outpost-edge", version, "arm64")
-                .and_then(|f| pi_vm::deb_version(&f))
-                .ok_or_else(|| {
-                    format!(
-                        "no outpost-edge {version} arm64 package in {}/packages.tsv: run `cargo xtask package` (and `--version {version} --arch arm64 --edge-only`)",
-                        p.debs.display()
-                    )
-                })
-        };
-        let (first_deb, upgrade_deb) = (deb(env!("CARGO_PKG_VERSION"))?, deb(&p.upgrade_version)?);
-        let p = Prep {
+            upgrade_version,
+            debs,
             first_deb,
             upgrade_deb,
-            ..p
         };
         let needed = [
             p.venv_bin.join("ansible-playbook"),
@@ -480,10 +477,10 @@ fn deploy(p: Prep) -> Result<()> {
         vm.ssh("dpkg-query -W -f '${Version}' outpost-edge")
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     };
+    let on_pi = installed(&pi)?;
     ensure!(
-        installed(&pi)? == first_deb,
-        "pi1's outpost-edge package: {:?}, not {first_deb}",
-        installed(&pi)?
+        on_pi == first_deb,
+        "pi1's outpost-edge package: {on_pi:?}, not {first_deb}"
     );
     // The package's unit (in /usr/lib, or /lib as merged-/usr systems may say), not
     // a copy in /etc that would hide it.
@@ -493,10 +490,10 @@ fn deploy(p: Prep) -> Result<()> {
             .ends_with("lib/systemd/system/outpost-edge.service"),
         "pi1 does not run the package's unit: {unit:?}"
     );
+    let on_hub = installed(&hub)?;
     ensure!(
-        installed(&hub)?.is_empty(),
-        "hub1 has an outpost-edge package: {:?}",
-        installed(&hub)?
+        on_hub.is_empty(),
+        "hub1 has an outpost-edge package: {on_hub:?}"
     );
     // The allow-list from the inventory is what the unit enforces.
     let (code, _) = d.exec("pi1", &["id"])?;
@@ -565,10 +562,10 @@ fn deploy(p: Prep) -> Result<()> {
         code == 0 && out.trim() == "aarch64",
         "after the upgrade: {code} {out:?}"
     );
+    let on_pi = installed(&pi)?;
     ensure!(
-        installed(&pi)? == upgrade_deb,
-        "pi1's package after the upgrade: {:?}, not {upgrade_deb}",
-        installed(&pi)?
+        on_pi == upgrade_deb,
+        "pi1's package after the upgrade: {on_pi:?}, not {upgrade_deb}"
     );
     eprintln!(
         "ansible: deployed, converged, checked and upgraded in {:.0?} ({} playbook runs)",

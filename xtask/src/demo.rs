@@ -67,16 +67,23 @@ pub fn tour(keep: bool, with_arm: bool) -> Result<()> {
             ]),
         ));
     }
-    for &(node, labels, _) in &units {
-        let mut enroll = Command::new(&hub);
-        enroll.args(["enroll", "--pki"]).arg(&pki).arg(node);
-        enroll
+    // `outpost-hub enroll` of one unit, its bundle under the PKI dir.
+    let enroll_cmd = |node: &str| {
+        let mut c = Command::new(&hub);
+        c.args(["enroll", "--pki"])
+            .arg(&pki)
+            .arg(node)
             .arg("--install-dir")
-            .arg(pki.join("bundles").join(node));
+            .arg(pki.join("bundles").join(node))
+            .stdout(std::process::Stdio::null());
+        c
+    };
+    for &(node, labels, _) in &units {
+        let mut enroll = enroll_cmd(node);
         for l in labels.split(',') {
             enroll.args(["--label", l]);
         }
-        run(enroll.stdout(std::process::Stdio::null()))?;
+        run(&mut enroll)?;
         // The agent refuses every command its own config dir, state dir and keys: the
         // units read and write only `work/`.
         let allow = format!(
@@ -212,13 +219,7 @@ pub fn tour(keep: bool, with_arm: bool) -> Result<()> {
     println!("\n== a command for a unit that is offline: queued, delivered when it connects");
     // Enrolled, never connected (its agent is not started): the hub queues for it. A
     // name nobody enrolled would be refused at once, with the nearest names.
-    run(Command::new(&hub)
-        .args(["enroll", "--pki"])
-        .arg(&pki)
-        .arg("buoy-1")
-        .arg("--install-dir")
-        .arg(pki.join("bundles").join("buoy-1"))
-        .stdout(std::process::Stdio::null()))?;
+    run(&mut enroll_cmd("buoy-1"))?;
     run(&mut op(&[
         "send",
         "--to",

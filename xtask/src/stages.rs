@@ -239,7 +239,7 @@ fn result_in(evs: &[(Instant, Event)], from: Instant, until: Instant) -> String 
             Event::Result(r) => Some(summary(r)),
             Event::Start(_) => None,
         })
-        .last()
+        .next_back()
         .unwrap_or_else(|| "no result line (crashed?)".into())
 }
 
